@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# PolicyService on vLLM, for NVIDIA GPUs.
+#   docker build -f deploy/docker/policy.Dockerfile -t REGISTRY/rlhf/policy:0.1.0 .
+# torch and vLLM wheels bring their own CUDA libraries; the CUDA base image
+# brings the driver hooks (NVIDIA_* variables) the container toolkit reads.
+
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04 AS build
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv \
+ && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY deploy/docker/constraints.txt /tmp/constraints.txt
+COPY pyproject.toml README* ./
+COPY rlhf ./rlhf
+COPY services ./services
+RUN pip install --constraint /tmp/constraints.txt ".[policy]"
+
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04
+ENV DEBIAN_FRONTEND=noninteractive
+# Triton (under vLLM and torch.compile) builds small C launchers at run time:
+# it needs a C compiler and the Python headers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-dev gcc libc6-dev libnuma1 \
+ && rm -rf /var/lib/apt/lists/*
+RUN groupadd --gid 10001 rlhf \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/rlhf --create-home --shell /usr/sbin/nologin rlhf
+COPY --from=build /opt/venv /opt/venv
+# The pod runs with a read-only root filesystem: every cache lives under HOME,
+# which Kubernetes mounts as an emptyDir.
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/rlhf \
+    XDG_CACHE_HOME=/home/rlhf/.cache \
+    HF_HOME=/home/rlhf/.cache/huggingface \
+    VLLM_CACHE_ROOT=/home/rlhf/.cache/vllm \
+    HF_HUB_OFFLINE=1 \
+    VLLM_NO_USAGE_STATS=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
+WORKDIR /home/rlhf
+EXPOSE 50051 9101
+ENTRYPOINT ["rlhf"]
+CMD ["serve", "policy", "--model", "/models/sft"]

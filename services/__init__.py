@@ -1,0 +1,1 @@
+"""RLHF as three gRPC services: policy (vLLM), reward, trainer."""

@@ -1,0 +1,1 @@
+"""The server runtime shared by the three services, and the client channel factory."""

@@ -1,0 +1,180 @@
+"""One server interceptor around every handler: bearer-token auth, the grpc_server_*
+metrics (the names go-grpc-prometheus uses) and the mapping of exceptions to status."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from services.common import errors
+from services.common.status import to_status
+
+# Kubernetes' native gRPC probes and grpcurl must work without a token.
+OPEN_SERVICES = frozenset({
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+})
+
+_LABELS = ["grpc_type", "grpc_service", "grpc_method"]
+STARTED = Counter("grpc_server_started_total", "RPCs started on the server.", _LABELS)
+HANDLED = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.", _LABELS + ["grpc_code"])
+HANDLING = Histogram(
+    "grpc_server_handling_seconds", "Time from the start of an RPC to its end on the server.", _LABELS,
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+def _context_code(context) -> grpc.StatusCode | None:
+    code = context.code()
+    if code is None or isinstance(code, grpc.StatusCode):
+        return code
+    return next((c for c in grpc.StatusCode if c.value[0] == code), None)  # some versions return the int
+
+
+class _Rpc:
+    """Bookkeeping of one call: its labels, start time and final code."""
+
+    def __init__(self, grpc_type: str, service: str, method: str):
+        self.labels = (grpc_type, service, method)
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        STARTED.labels(*self.labels).inc()
+
+    async def fail(self, exc: BaseException, context) -> None:
+        """Record why the call ended; for our own exceptions, abort with the mapped status."""
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.code = grpc.StatusCode.CANCELLED
+        elif isinstance(exc, grpc.aio.AbortError):
+            self.code = _context_code(context) or grpc.StatusCode.UNKNOWN
+        else:
+            self.code, message = to_status(exc, "/".join(self.labels[1:]))
+            await context.abort(self.code, message)  # raises AbortError
+
+    def done(self, context) -> None:
+        if self.code == grpc.StatusCode.OK:
+            self.code = _context_code(context) or grpc.StatusCode.OK
+        HANDLED.labels(*self.labels, self.code.name).inc()
+        HANDLING.labels(*self.labels).observe(time.perf_counter() - self.start)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str | None):
+        self._expected = f"Bearer {token}".encode() if token else None
+        # Until the service has loaded its model, only health and reflection answer.
+        self.ready = False
+        # Set on SIGTERM: new RPCs get UNAVAILABLE while the ones in flight finish.
+        self.draining = False
+        self.in_flight = 0
+
+    def _authorized(self, service: str, metadata) -> bool:
+        if self._expected is None or service in OPEN_SERVICES:
+            return True
+        given = next((m.value for m in metadata or () if m.key == "authorization"), "")
+        given = given.encode() if isinstance(given, str) else given
+        return hmac.compare_digest(given, self._expected)  # constant time
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, method = details.method.lstrip("/").split("/", 1)
+        if service in OPEN_SERVICES:
+            # As they are: health's Watch writes with context.write (no generator to wrap),
+            # and probes need neither a token nor metrics.
+            return handler
+        denial = None
+        if not self._authorized(service, details.invocation_metadata):
+            denial = (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token in the 'authorization' metadata")
+        elif not self.ready and service not in OPEN_SERVICES:
+            denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is loading its model; retry when health says SERVING")
+        elif self.draining:
+            denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down; retry on another replica")
+        return _wrap(handler, service, method, denial, self)
+
+
+class _Undecodable:
+    """Bytes that did not parse as the request message. grpc answers UNKNOWN when a
+    deserializer raises; the handler answers INVALID_ARGUMENT for it instead."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _lenient(deserializer):
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _checked(request, what: str):
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(f"the request is not a valid {what}: {request.error}")
+    return request
+
+
+async def _checked_stream(requests, what: str):
+    async for request in requests:
+        yield _checked(request, what)
+
+
+def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
+          denial: tuple[grpc.StatusCode, str] | None, owner: "ServerInterceptor") -> grpc.RpcMethodHandler:
+    """The handler with bookkeeping and error mapping around it, or a denial (auth, loading)."""
+    streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
+    grpc_type = {(False, False): "unary", (False, True): "server_stream",
+                 (True, False): "client_stream", (True, True): "bidi_stream"}[(streaming_in, streaming_out)]
+    codec = dict(request_deserializer=_lenient(handler.request_deserializer),
+                 response_serializer=handler.response_serializer)
+    what = f"{service}/{method} request"
+    check = (lambda r: _checked_stream(r, what)) if streaming_in else (lambda r: _checked(r, what))
+
+    if not streaming_out:
+        behavior = handler.stream_unary if streaming_in else handler.unary_unary
+
+        async def call(request, context):
+            rpc = _Rpc(grpc_type, service, method)
+            owner.in_flight += 1
+            try:
+                if denial:
+                    await context.abort(*denial)
+                return await behavior(check(request), context)
+            except BaseException as exc:
+                await rpc.fail(exc, context)
+                raise
+            finally:
+                owner.in_flight -= 1
+                rpc.done(context)
+
+        make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
+        return make(call, **codec)
+
+    behavior = handler.stream_stream if streaming_in else handler.unary_stream
+
+    async def stream(request, context):
+        rpc = _Rpc(grpc_type, service, method)
+        owner.in_flight += 1
+        try:
+            if denial:
+                await context.abort(*denial)
+            async for response in behavior(check(request), context):
+                yield response
+        except BaseException as exc:
+            await rpc.fail(exc, context)
+            raise
+        finally:
+            owner.in_flight -= 1
+            rpc.done(context)
+
+    make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
+    return make(stream, **codec)

@@ -1,0 +1,156 @@
+"""The server runtime every service runs on.
+
+    run(ServerConfig.from_args(args), servicer)
+
+A servicer is the service's transport object: `service_name` (e.g.
+"rlhf.v1.RewardService"), `add_to_server(server)`, `async start()` (load the model)
+and `async stop()` (release it). The runtime adds everything else: health per service,
+reflection, auth, metrics, TLS, keepalive, size limits and the SIGTERM drain.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import logging
+import pathlib
+import signal
+from typing import Protocol
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from services.common.channel import channel_options
+from services.common.config import ServerConfig
+from services.common.interceptor import ServerInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Servicer(Protocol):
+    service_name: str
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
+    if not cfg.tls_cert:
+        return None
+    if not cfg.tls_key:
+        raise SystemExit("--tls-cert needs --tls-key")
+    read = lambda p: pathlib.Path(p).read_bytes()  # noqa: E731
+    ca = read(cfg.tls_ca) if cfg.tls_ca else None
+    return grpc.ssl_server_credentials([(read(cfg.tls_key), read(cfg.tls_cert))],
+                                       root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, or until `stop` is set when the caller owns the signals."""
+    interceptor = ServerInterceptor(cfg.auth_token)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=channel_options(cfg.max_message_bytes) + [
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
+        maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+    )
+    servicer.add_to_server(server)
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [servicer.service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server)
+    for name in ("", servicer.service_name):
+        await health.set(name, NOT_SERVING)
+
+    address = f"{cfg.host}:{cfg.port}"
+    creds = _server_credentials(cfg)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise SystemExit(f"could not bind {address}")
+    if cfg.metrics_port:
+        prometheus_client.start_http_server(cfg.metrics_port, addr=cfg.host)
+    await server.start()
+    log.info("%s listening on %s:%d (metrics %s, auth %s, tls %s)", servicer.service_name, cfg.host, port,
+             cfg.metrics_port or "off", "on" if cfg.auth_token else "off",
+             "mtls" if cfg.tls_ca else "on" if creds else "off")
+
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+
+    # Load the model while health says NOT_SERVING, unless a signal comes first.
+    starting = asyncio.ensure_future(servicer.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failed load ends the process with its traceback
+        interceptor.ready = True
+        for name in ("", servicer.service_name):
+            await health.set(name, SERVING)
+        log.info("%s serving", servicer.service_name)
+        await stopping
+    else:
+        starting.cancel()
+
+    # Drain: probes see NOT_SERVING first, new RPCs are refused, in-flight ones get the grace period.
+    log.info("draining %s (grace %.0f s)", servicer.service_name, cfg.grace_seconds)
+    await health.enter_graceful_shutdown()
+    # Refuse new RPCs ourselves (UNAVAILABLE, retried by clients) while grpc keeps dispatching
+    # what it already received, and let the RPCs in flight finish; server.stop() would cancel
+    # calls received but not yet dispatched.
+    interceptor.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + cfg.grace_seconds
+    await asyncio.sleep(0.1)
+    while interceptor.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    await server.stop(max(0.0, deadline - loop.time()))
+    await servicer.stop()
+    log.info("%s stopped", servicer.service_name)
+
+
+def run(cfg: ServerConfig, servicer: Servicer) -> int:
+    asyncio.run(serve(cfg, servicer))
+    return 0
+
+
+class BackgroundServer:
+    """The runtime on a thread of its own, for a process whose main thread does the real
+    work and owns the signals (the trainer)."""
+
+    def __init__(self, cfg: ServerConfig, servicer: Servicer):
+        self.cfg, self.servicer = cfg, servicer
+        self.loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{servicer.service_name}-server", daemon=True)
+        self._started = threading.Event()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def main():
+            self._stop = asyncio.Event()
+            self._started.set()
+            await serve(self.cfg, self.servicer, self._stop)
+
+        self.loop.run_until_complete(main())
+
+    def start(self) -> "BackgroundServer":
+        self._thread.start()
+        self._started.wait()
+        return self
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(self.cfg.grace_seconds + 10)

@@ -1,0 +1,142 @@
+"""`rlhf demo`: the whole pipeline on the embedded tiny model, on CPU, in minutes.
+
+    demo data -> tiny models -> SFT -> reward model -> reward + policy services (child
+    processes) -> evaluate SFT -> PPO against the services -> evaluate PPO -> report.md + plots
+
+Every child is stopped on the way out, also on Ctrl-C, SIGTERM or an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import signal
+import time
+
+log = logging.getLogger("rlhf.demo")
+
+EXAMPLE_PROMPT = "How do I prepare for my calculus exam?"
+
+
+def ppo_config(out: pathlib.Path, *, policy: str, reward: str, models: pathlib.Path, prompts: pathlib.Path,
+               steps: int, seed: int, beta: float):
+    from services.trainer.config import Config, PPOConfig, RolloutConfig
+    return Config(
+        policy_addresses=[policy], reward_address=reward, sft_model=str(models / "sft"),
+        reward_model=str(models / "reward"), prompts=str(prompts), out=str(out), steps=steps, seed=seed,
+        checkpoint_every=0,
+        rollout=RolloutConfig(batch_size=64, max_tokens=64, temperature=1.0),
+        ppo=PPOConfig(epochs=2, minibatch_size=16, lr=3e-5, value_lr=1e-4, beta=beta, vf_coef=0.5,
+                      missing_eos_penalty=1.0, normalize_scores=True, score_clip=5.0),
+    ).validate()
+
+
+def stage(n: int, total: int, what: str) -> float:
+    log.info("[%d/%d] %s", n, total, what)
+    return time.perf_counter()
+
+
+def main(args) -> int:
+    run_demo(pathlib.Path(args.out), seed=args.seed, steps=args.steps, with_no_kl=args.with_no_kl, quick=args.quick)
+    return 0
+
+
+def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with_no_kl: bool = False,
+             quick: bool = False) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.config import ClientConfig
+    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo import evaluate, report
+    from services.demo.data import write_demo_data
+    from services.demo.tiny_model import build_model
+    from services.policy.client import PolicyClient
+    from services.reward.client import RewardClient
+    from services.reward.training import train_reward_model
+    from services.trainer.loop import train
+    from services.trainer.sft import train_sft
+
+    started = time.perf_counter()
+    steps = steps or (20 if quick else 30)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    total = 8 if with_no_kl else 7
+
+    stage(1, total, "demo data and tiny models")
+    paths = write_demo_data(out / "data", seed=seed)
+    models = out / "models"
+    build_model("policy", models / "init-policy", seed=seed)
+    build_model("reward", models / "init-reward", seed=seed)
+
+    t = stage(2, total, "supervised fine-tuning (stage 1)")
+    sft = train_sft(models / "init-policy", paths["sft"], models / "sft", seed=seed)
+    log.info("SFT done in %.0f s: %s", time.perf_counter() - t, {k: sft[k] for k in sft if "loss" in k})
+
+    t = stage(3, total, "reward model (stage 2)")
+    rm = train_reward_model(models / "init-reward", paths["prefs"], models / "reward", seed=seed)
+    log.info("reward model done in %.0f s: eval accuracy %.3f (noise ceiling %.2f)", time.perf_counter() - t,
+             rm["eval_accuracy"], rm["noise_ceiling"])
+
+    eval_prompts = [json.loads(line)["prompt"] for line in open(paths["prompts"])
+                    if json.loads(line)["split"] == "eval"]
+    eval_prompts = [EXAMPLE_PROMPT] + [p for p in eval_prompts if p != EXAMPLE_PROMPT][:(24 if quick else 49)]
+    samples = 8
+    results: dict = {"rm": rm, "sft_train": sft}
+
+    # SIGTERM ends the demo like Ctrl-C: through the finally blocks that stop the children.
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with contextlib.ExitStack() as stack:
+            stage(4, total, "starting the reward and policy services")
+            reward_port, policy_port = free_port(), free_port()
+            reward_srv = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"),
+                                                  "--host", "127.0.0.1", "--port", str(reward_port),
+                                                  "--metrics-port", "0"),
+                                     port=reward_port, service="rlhf.v1.RewardService",
+                                     log_path=out / "logs" / "reward.log")
+            policy_srv = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"),
+                                                  "--host", "127.0.0.1", "--port", str(policy_port),
+                                                  "--metrics-port", "0", "--kv-cache-gib", "1"),
+                                     port=policy_port, service="rlhf.v1.PolicyService",
+                                     log_path=out / "logs" / "policy.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+            for server in (reward_srv, policy_srv):
+                stack.callback(server.terminate)
+                server.start()
+            for server in (reward_srv, policy_srv):
+                server.wait_ready()
+            policy = stack.enter_context(PolicyClient(policy_srv.address, ClientConfig(), timeout=300))
+            reward = stack.enter_context(RewardClient(reward_srv.address, ClientConfig(), timeout=300))
+            tokenizer = AutoTokenizer.from_pretrained(models / "sft")
+            sft_model = AutoModelForCausalLM.from_pretrained(models / "sft", dtype=torch.float32).eval()
+            judge = lambda: evaluate.evaluate(policy, reward, tokenizer, sft_model, eval_prompts,  # noqa: E731
+                                              samples_per_prompt=samples, max_tokens=64, seed=seed)
+
+            stage(5, total, f"evaluating the SFT policy on {len(eval_prompts)} held-out prompts x {samples}")
+            results["sft"] = judge()
+            log.info("SFT policy: %s", report.summary(results["sft"]))
+
+            runs = [("ppo", 0.05)] + ([("ppo-no-kl", 0.0)] if with_no_kl else [])
+            for i, (name, beta) in enumerate(runs):
+                t = stage(6 + i, total, f"PPO (stage 3), beta = {beta}, {steps} steps, against the live services")
+                config = ppo_config(out / name, policy=policy_srv.address, reward=reward_srv.address,
+                                    models=models, prompts=paths["prompts"], steps=steps, seed=seed, beta=beta)
+                results[f"{name}_history"] = train(config, ClientConfig(), handle_signals=False)
+                results[name] = judge()
+                log.info("%s done in %.0f s: %s", name, time.perf_counter() - t, report.summary(results[name]))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    stage(total, total, "report")
+    results["seconds"] = time.perf_counter() - started
+    path = report.write(out, results, beta=0.05, example_prompt=EXAMPLE_PROMPT)
+    summary = {k: ({kk: vv for kk, vv in v.items() if kk != "rows"} if isinstance(v, dict) else v)
+               for k, v in results.items() if not k.endswith("_history")}
+    summary["max_kl"] = max((m["kl"] for m in results.get("ppo_history", [])), default=0.0)
+    (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(report.table(results))
+    print(f"\nreport: {path}  ({results['seconds']:.0f} s)")
+    return results

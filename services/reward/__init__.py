@@ -1,0 +1,1 @@
+"""Reward service. Kept free of imports: the client must load without torch."""

@@ -1,0 +1,145 @@
+"""Clients of RewardService, sync and asyncio. Base install only: grpc + protobuf + the stubs.
+
+    with RewardClient("localhost:50052") as rm:
+        scores = rm.scores([("What is 2+2?", "4"), ("Hi", "Hello!")])
+
+A prompt or response is a str (the server tokenizes it and applies the chat
+template to the prompt) or a list of token ids (used as they are: the prompt ids
+must already be templated, the response ids without the final EOS).
+"""
+from __future__ import annotations
+
+from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
+
+from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from services.common.channel import create_channel
+from services.common.config import ClientConfig
+
+SERVICE = "rlhf.v1.RewardService"
+# Idempotent calls, retried on UNAVAILABLE (a restarting or draining replica).
+RETRY_METHODS = ((SERVICE, "Score"), (SERVICE, "Compare"), (SERVICE, "GetModelInfo"))
+
+Text = Union[str, Sequence[int]]
+Pair = tuple[Text, Text]
+
+TRUNCATION = {
+    "reject": reward_pb2.TRUNCATION_REJECT,
+    "keep_end_of_prompt": reward_pb2.TRUNCATION_KEEP_END_OF_PROMPT,
+}
+
+
+def text_or_tokens(x: Text) -> common_pb2.TextOrTokens:
+    if isinstance(x, str):
+        return common_pb2.TextOrTokens(text=x)
+    return common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=list(x)))
+
+
+def truncation_value(t: str | int) -> int:
+    """"reject" / "keep_end_of_prompt" or the enum value itself (passed through unchecked: the server checks)."""
+    if isinstance(t, str):
+        try:
+            return TRUNCATION[t]
+        except KeyError:
+            raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, got {t!r}") from None
+    return int(t)
+
+
+def score_request(pairs: Iterable[Pair], truncation: str | int = "reject", normalize: bool = False,
+                  request_id: str = "") -> reward_pb2.ScoreRequest:
+    return reward_pb2.ScoreRequest(
+        pairs=[reward_pb2.ScorePair(prompt=text_or_tokens(p), response=text_or_tokens(r)) for p, r in pairs],
+        truncation=truncation_value(truncation), normalize=normalize, request_id=request_id)
+
+
+def compare_request(prompt: Text, first: Text, second: Text, truncation: str | int = "reject") -> reward_pb2.CompareRequest:
+    return reward_pb2.CompareRequest(prompt=text_or_tokens(prompt), first=text_or_tokens(first),
+                                     second=text_or_tokens(second), truncation=truncation_value(truncation))
+
+
+class RewardClient:
+    """Blocking client. `timeout` (seconds) applies to each unary call."""
+
+    def __init__(self, target: str, config: ClientConfig | None = None, timeout: float | None = 60.0):
+        self.channel = create_channel(target, config, retry_methods=RETRY_METHODS)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.timeout = timeout
+
+    def score(self, pairs: Iterable[Pair], truncation: str | int = "reject", normalize: bool = False,
+              request_id: str = "") -> reward_pb2.ScoreResponse:
+        return self.stub.Score(score_request(pairs, truncation, normalize, request_id), timeout=self.timeout)
+
+    def scores(self, pairs: Iterable[Pair], truncation: str | int = "reject", normalize: bool = False) -> list[float]:
+        return [r.score for r in self.score(pairs, truncation, normalize).results]
+
+    def compare(self, prompt: Text, first: Text, second: Text,
+                truncation: str | int = "reject") -> reward_pb2.CompareResponse:
+        return self.stub.Compare(compare_request(prompt, first, second, truncation), timeout=self.timeout)
+
+    def model_info(self) -> reward_pb2.RewardModelInfo:
+        return self.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    def score_stream(self, batches: Iterable[Iterable[Pair]], truncation: str | int = "reject",
+                     normalize: bool = False) -> Iterator[reward_pb2.ScoreResponse]:
+        """One ScoreResponse per batch of pairs, in order; the server works on later
+        batches while earlier ones are being answered."""
+        requests = (score_request(b, truncation, normalize, request_id=str(i)) for i, b in enumerate(batches))
+        return self.stub.ScoreStream(requests)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncRewardClient:
+    """asyncio client with the same methods as RewardClient."""
+
+    def __init__(self, target: str, config: ClientConfig | None = None, timeout: float | None = 60.0):
+        self.channel = create_channel(target, config, aio=True, retry_methods=RETRY_METHODS)
+        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.timeout = timeout
+
+    async def score(self, pairs: Iterable[Pair], truncation: str | int = "reject", normalize: bool = False,
+                    request_id: str = "") -> reward_pb2.ScoreResponse:
+        return await self.stub.Score(score_request(pairs, truncation, normalize, request_id), timeout=self.timeout)
+
+    async def scores(self, pairs: Iterable[Pair], truncation: str | int = "reject",
+                     normalize: bool = False) -> list[float]:
+        return [r.score for r in (await self.score(pairs, truncation, normalize)).results]
+
+    async def compare(self, prompt: Text, first: Text, second: Text,
+                      truncation: str | int = "reject") -> reward_pb2.CompareResponse:
+        return await self.stub.Compare(compare_request(prompt, first, second, truncation), timeout=self.timeout)
+
+    async def model_info(self) -> reward_pb2.RewardModelInfo:
+        return await self.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    async def score_stream(self, batches: Iterable[Iterable[Pair]] | AsyncIterable[Iterable[Pair]],
+                           truncation: str | int = "reject",
+                           normalize: bool = False) -> AsyncIterator[reward_pb2.ScoreResponse]:
+        async def requests():
+            i = 0
+            if hasattr(batches, "__aiter__"):
+                async for b in batches:
+                    yield score_request(b, truncation, normalize, request_id=str(i))
+                    i += 1
+            else:
+                for b in batches:
+                    yield score_request(b, truncation, normalize, request_id=str(i))
+                    i += 1
+
+        async for response in self.stub.ScoreStream(requests()):
+            yield response
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncRewardClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

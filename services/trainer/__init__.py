@@ -1,0 +1,1 @@
+"""Trainer service: PPO math, SFT, the PPO loop and its gRPC server."""

@@ -1,0 +1,124 @@
+"""JSONL loading, train/eval split and batching shared by SFT and reward-model training.
+
+Every example is tokenized the way the services see it (services.common.text):
+format_prompt(prompt) and the response separately, EOS after the response.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+
+import torch
+
+from services.common.errors import InvalidArgument
+
+IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
+
+
+def read_jsonl(path, required: tuple[str, ...]) -> list[dict]:
+    """All rows of a JSONL file; a row without a required string field is an error naming the line."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise InvalidArgument(f"data file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"{path}:{lineno} is not JSON: {e}") from None
+            for key in required:
+                if not isinstance(row.get(key), str):
+                    raise InvalidArgument(f"{path}:{lineno} needs a string field {key!r}")
+            rows.append(row)
+    if not rows:
+        raise InvalidArgument(f"{path} holds no examples")
+    return rows
+
+
+def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle once with `seed`, hold out eval_fraction (at least one row when the fraction is > 0)."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise InvalidArgument(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_eval = max(1, round(eval_fraction * len(rows))) if eval_fraction > 0 else 0
+    if n_eval >= len(rows):
+        raise InvalidArgument(f"eval_fraction {eval_fraction} leaves no training examples out of {len(rows)}")
+    return rows[n_eval:], rows[:n_eval]
+
+
+def encode_sft(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): labels are IGNORE_INDEX on the prompt so only the response is learned.
+
+    Too long: the end of the response is cut (it then has no EOS); the prompt is kept whole.
+    """
+    from services.common.text import encode_pair
+
+    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
+    ids = list(prompt_ids) + list(response_ids)
+    labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
+    truncated = len(ids) > max_length
+    if len(prompt_ids) >= max_length:
+        raise InvalidArgument(f"a prompt of {len(prompt_ids)} tokens leaves no room for a response "
+                              f"in max_length {max_length}")
+    return ids[:max_length], labels[:max_length], truncated
+
+
+def pad_right(seqs: list[list[int]], pad_value: int) -> torch.Tensor:
+    """[len(seqs), longest] long tensor, right-padded with pad_value."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,
+                           group: int = 32) -> list[list[int]]:
+    """Batches of indices with similar lengths, in random order.
+
+    The demo answers range from ~10 to ~160 tokens; batching them at random
+    wastes most of the compute on padding. Sorting inside random mega-batches of
+    `group` batches keeps batches short while the order stays random.
+    """
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * group
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def pick_device(device: str) -> torch.device:
+    """'auto' means CUDA when there is one."""
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1):
+    """Linear warmup, then cosine or linear decay to min_ratio of the peak learning rate."""
+    import math
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+        return min_ratio + (1 - min_ratio) * decay
+    return f
+
+
+def disable_dropout(config) -> None:
+    """Zero every *dropout* probability in a transformers config: dropout makes the
+    logprobs of the same tokens differ between forward passes (bad for RLHF, no help at this size)."""
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)

@@ -1,0 +1,221 @@
+"""PPO math for RLHF, as pure functions on tensors.
+
+Shapes: per-token tensors are [batch, response_len], right-padded; `mask` is 1.0
+on real response tokens and 0.0 on padding. Nothing here knows about models,
+services or gRPC, so every formula can be checked by hand in a unit test.
+
+References: Ziegler et al. 2019 (adaptive KL), Ouyang et al. 2022 (InstructGPT:
+per-token KL penalty, score at the last token), Zheng et al. 2023 ("Secrets of
+RLHF": reward normalisation and clipping, whitened advantages), Huang et al. 2024
+("The N+ implementation details of RLHF with PPO": EOS penalty), Schulman 2020
+(the k1/k3 KL estimators), CleanRL's ppo.py (clipped losses, approx_kl).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _zero_pad(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with padding set to 0; `where`, not `x * mask`, so inf/nan in padding cannot leak (0 * inf = nan)."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over real tokens only: padding must not dilute a statistic."""
+    if dim is None:
+        return _zero_pad(x, mask).sum() / mask.sum().clamp(min=1)
+    return _zero_pad(x, mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over real tokens; unbiased (Bessel) by default like torch.var."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale to unit variance over real tokens so the step size does not depend on the reward scale.
+
+    shift_mean=False keeps the mean: whitening rewards that way keeps their sign
+    ("Secrets of RLHF"); advantages are usually fully whitened. Padding stays 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_pad(whitened, mask)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each response.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1}.
+    The episode ends at the last real token: the value after it is 0 (no
+    bootstrap), and padding neither receives nor passes on advantage.
+    Returns (advantages, returns = advantages + values); both 0 on padding.
+    """
+    rewards, values = _zero_pad(rewards, mask), _zero_pad(values, mask)
+    T = rewards.shape[-1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(T)):
+        # mask[t+1] = 0 means t is the last real token (or padding): nothing follows it.
+        next_mask = mask[..., t + 1] if t + 1 < T else torch.zeros_like(last)
+        next_value = values[..., t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[..., t] + gamma * next_value * next_mask - values[..., t]
+        last = (delta + gamma * lam * last * next_mask) * mask[..., t]
+        advantages[..., t] = last
+    returns = _zero_pad(advantages + values, mask)
+    return advantages, returns
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log p - log p_ref: unbiased per-token estimate of KL(p || p_ref), can be negative.
+
+    Its sum over a sampled sequence is the sequence's log-ratio, the penalty InstructGPT uses.
+    """
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = p_ref / p: unbiased, never negative, lower variance (Schulman 2020)."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each right-padded row (0 for an all-pad row)."""
+    return (mask.sum(-1).long() - 1).clamp(min=0)
+
+
+def shape_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, beta: float, *, kl_estimator: str = "k1",
+                  missing_eos: torch.Tensor | None = None, missing_eos_penalty: float | None = None,
+                  score_mean: float = 0.0, score_std: float = 1.0, score_clip: float | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO rewards: r_t = -beta * KL_t, plus the sequence score at the last real token.
+
+    The KL term keeps the policy near the SFT model where the reward model is
+    still trustworthy (InstructGPT eq. 2). The score is first normalised with the
+    reward model's training statistics and optionally clipped ("Secrets of
+    RLHF"); then a completion that ran into max_tokens without EOS loses
+    `missing_eos_penalty`, after clipping so the clip cannot soften it: otherwise
+    the policy learns that rambling until cut off is free.
+
+    Returns (rewards [B, T], kl [B, T], final scores [B]); 0 on padding.
+    """
+    kl = _zero_pad(KL_ESTIMATORS[kl_estimator](logprobs, ref_logprobs), mask)
+    score = (scores.to(logprobs.dtype) - score_mean) / score_std
+    if score_clip is not None:
+        score = score.clamp(-score_clip, score_clip)
+    if missing_eos_penalty is not None and missing_eos is not None:
+        score = score - missing_eos_penalty * missing_eos.to(score.dtype)
+    rewards = -beta * kl
+    last = last_token_index(mask).unsqueeze(-1)
+    rewards = _zero_pad(rewards.scatter_add(-1, last, score.unsqueeze(-1)), mask)
+    return rewards, kl, score
+
+
+class FixedKLController:
+    """beta stays where it was set."""
+
+    def __init__(self, init_kl_coef: float):
+        self.value = float(init_kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Ziegler et al. 2019: steer beta so the observed KL tracks a target.
+
+    e_t = clip(KL_t / target - 1, -0.2, 0.2);  beta <- beta * (1 + e_t * n_steps / horizon).
+    The clip keeps one noisy KL estimate from swinging beta; the horizon sets how
+    many samples it takes to correct a given error.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over real tokens.
+
+    The clip removes the incentive to move the ratio further than eps in one
+    update. Returns (loss, clip fraction, approx_kl); approx_kl is the k3
+    estimate mean((ratio - 1) - log ratio) of KL(old || new), for early stopping
+    and monitoring.
+    """
+    log_ratio = _zero_pad(logprobs - old_logprobs, mask)
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip_range_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps).
+
+    Like the policy clip, it stops one batch from dragging the critic far from
+    where the advantages were computed. Returns (loss, clip fraction).
+    """
+    values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask)
+    return loss, clipfrac
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) = logit[label] - logsumexp(logits).
+
+    Never materialises the full [B, T, vocab] log_softmax: for a large vocabulary
+    that tensor (and its gradient) is the biggest allocation of a PPO step.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) * z per position; an entropy drop signals collapse."""
+    logits = logits.float()
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)

@@ -1,0 +1,73 @@
+"""`rlhf demo`, shortened: PPO beats SFT on the gold labeller, KL stays bounded, and no child
+process or port outlives the demo, also when it is interrupted."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from services.common.launch import rlhf_command
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+def children_of(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_quick_demo_learns_and_cleans_up(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(rlhf_command("demo", "--out", str(out), "--quick"), stdout=open(tmp_path / "log", "wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen |= {c.pid for c in children_of(proc.pid)}
+        time.sleep(1)
+    assert proc.returncode == 0, (tmp_path / "log").read_text()[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    sft, ppo = results["sft"], results["ppo"]
+    n = ppo["n"]
+    # Binomial standard error of the difference of two shares; demand a margin of 3 of them.
+    se = math.sqrt(sft["shares"]["clear"] * (1 - sft["shares"]["clear"]) / sft["n"]
+                   + ppo["shares"]["clear"] * (1 - ppo["shares"]["clear"]) / n)
+    assert ppo["shares"]["clear"] - sft["shares"]["clear"] > max(3 * se, 0.15), results
+    assert results["max_kl"] < 15.0, results  # the KL leash holds during training
+    assert (out / "report.md").exists() and (out / "shares.png").exists() and (out / "ppo" / "kl.png").exists()
+    assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_interrupted_demo_leaves_no_child_and_no_port(tmp_path):
+    out = tmp_path / "demo"
+    log = tmp_path / "log"
+    proc = subprocess.Popen(rlhf_command("demo", "--out", str(out), "--quick"), stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    seen: set[int] = set()
+    ports: set[int] = set()
+    deadline = time.monotonic() + 1200
+    while time.monotonic() < deadline and proc.poll() is None:
+        kids = children_of(proc.pid)
+        seen |= {c.pid for c in kids}
+        if len(kids) >= 2 and "[5/" in log.read_text():  # both services up, evaluation running
+            for c in kids:
+                try:
+                    ports |= {conn.laddr.port for conn in c.net_connections() if conn.status == psutil.CONN_LISTEN}
+                except psutil.Error:
+                    pass
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(1)
+    assert proc.wait(timeout=120) != 0
+    assert seen and ports
+    time.sleep(1)
+    assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    listening = {c.laddr.port for c in psutil.net_connections() if c.status == psutil.CONN_LISTEN}
+    assert not ports & listening

@@ -1,0 +1,470 @@
+"""PolicyService against real `rlhf serve policy` processes (vLLM CPU) on loopback.
+
+Four servers, shared by every test of the module (each vLLM start costs ~30 s):
+  llama_base  llama, tied embeddings, bf16, auth on   <- pushes land here
+  llama_w     llama, tied, started fresh from W_llama (the reference for a push of W_llama)
+  qwen_base   qwen2, untied, float32                  <- pushes land here
+  qwen_w      qwen2, untied, float32, fresh from W_qwen
+The only proof that a push worked is that greedy outputs and per-token logprobs equal
+those of a fresh server started from the same weights, so that is what the tests compare.
+Tests run in file order and move the served versions forward.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.common.config import ClientConfig
+from services.common.launch import ChildServer, free_port, rlhf_command
+from services.policy.client import PolicyClient, plan_push, weight_messages
+
+pytestmark = pytest.mark.vllm
+
+SERVICE = "rlhf.v1.PolicyService"
+TOKEN = "policy-test-token"
+PROMPTS = ["hello there", "the cat sat on", [5, 17, 9, 33, 2, 41], "a"]
+GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=True)
+
+
+def _perturbed(base_dir, out_dir, seed):
+    """W: the base model with every weight moved, saved with save_pretrained. Returns the
+    model (its state_dict is what a trainer would push, tied alias included)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out_dir)
+    for f in base_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, out_dir / f.name)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.demo.tiny_model import build_model
+
+    root = tmp_path_factory.mktemp("policy_models")
+    out = {}
+    for arch, tied in (("llama", True), ("qwen2", False)):
+        base = build_model("policy", root / f"{arch}_base", arch=arch, tie_embeddings=tied, seed=1)
+        w_dir = root / f"{arch}_w"
+        w = _perturbed(base, w_dir, seed=2)
+        base_model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+        out[arch] = dict(base=base, w=w_dir, w_state=w.state_dict(), base_state=base_model.state_dict())
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("policy_logs")
+    specs = {
+        "llama_base": (models["llama"]["base"], ["--dtype", "bfloat16"], {"RLHF_AUTH_TOKEN": TOKEN}),
+        "llama_w": (models["llama"]["w"], ["--dtype", "bfloat16"], {"RLHF_AUTH_TOKEN": TOKEN}),
+        "qwen_base": (models["qwen2"]["base"], ["--dtype", "float32"], {"RLHF_AUTH_TOKEN": ""}),
+        "qwen_w": (models["qwen2"]["w"], ["--dtype", "float32"], {"RLHF_AUTH_TOKEN": ""}),
+    }
+    running = {}
+    try:
+        for name, (model_dir, extra, env) in specs.items():
+            port, metrics_port = free_port(), free_port()
+            argv = rlhf_command("serve", "policy", "--model", str(model_dir), "--host", "127.0.0.1",
+                                "--port", str(port), "--metrics-port", str(metrics_port),
+                                "--max-model-len", "128", "--kv-cache-gib", "1", "--gpu-memory-utilization", "0.1",
+                                "--max-n", "8", "--max-prompts", "32", *extra)
+            config = ClientConfig(auth_token=env["RLHF_AUTH_TOKEN"] or None)
+            s = ChildServer(argv, port=port, service=SERVICE, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
+                            log_path=logs / f"{name}.log", client_config=config)
+            s.metrics_port, s.config = metrics_port, config
+            running[name] = s.start()  # start all four, then wait: the loads overlap
+        for s in running.values():
+            s.wait_ready()
+        yield running
+    finally:
+        for s in running.values():
+            s.terminate()
+
+
+def client(servers, name, config=None) -> PolicyClient:
+    s = servers[name]
+    return PolicyClient(s.address, config or s.config, timeout=120)
+
+
+def greedy(c: PolicyClient, prompts=PROMPTS, **kw):
+    results = c.generate(prompts, **{**GREEDY, **kw})
+    return [(r.prompt_token_ids, [(x.token_ids, x.logprobs) for x in r.completions]) for r in results], \
+        {x.weight_version for r in results for x in r.completions}
+
+
+def same_tokens(a, b, tol=1e-3) -> bool:
+    """Same prompt and completion token ids; logprobs equal up to `tol`."""
+    if len(a) != len(b):
+        return False
+    for (pa, ca), (pb, cb) in zip(a, b):
+        if pa != pb or len(ca) != len(cb):
+            return False
+        for (ta, la), (tb, lb) in zip(ca, cb):
+            if ta != tb or len(la) != len(lb) or any(abs(x - y) > tol for x, y in zip(la, lb)):
+                return False
+    return True
+
+
+def status_of(fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+@pytest.fixture(scope="module")
+def fresh(servers):
+    """Greedy outputs of every server as started (version 0), before any push."""
+    out = {}
+    for name in servers:
+        with client(servers, name) as c:
+            out[name], versions = greedy(c)
+            assert versions == {0}
+    return out
+
+
+# ---- basics -----------------------------------------------------------------------
+
+def test_model_info(servers, models):
+    with client(servers, "llama_base") as c:
+        info = c.model_info()
+    assert info.architecture == "LlamaForCausalLM" and info.dtype == "bfloat16" and info.max_model_len == 128
+    assert info.backend.startswith("vllm") and info.max_n == 8 and info.max_prompts == 32
+    uuid.UUID(info.instance_id)
+    names = {t.name for t in info.tensors}
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names  # tied: one tensor
+    assert all(t.dtype == policy_pb2.DTYPE_BFLOAT16 for t in info.tensors)
+    with client(servers, "qwen_base") as c:
+        qinfo = c.model_info()
+    assert qinfo.architecture == "Qwen2ForCausalLM" and "lm_head.weight" in {t.name for t in qinfo.tensors}
+    assert {t.name for t in qinfo.tensors} == {k for k in models["qwen2"]["base_state"]}
+    assert qinfo.instance_id != info.instance_id
+
+
+def test_generate_fields_and_stream(servers, fresh):
+    with client(servers, "qwen_base") as c:
+        reply = c.generate(PROMPTS[:2], n=3, temperature=1.0, max_tokens=5, logprobs=True, raw=True)
+        assert len(reply.results) == 2 and reply.instance_id == c.model_info().instance_id
+        for r in reply.results:
+            assert [x.index for x in r.completions] == [0, 1, 2]
+            for x in r.completions:
+                assert len(x.logprobs) == len(x.token_ids) <= 5 and all(lp <= 0 for lp in x.logprobs)
+                assert x.finish_reason in (policy_pb2.FINISH_REASON_LENGTH, policy_pb2.FINISH_REASON_EOS)
+        # seeded sampling is reproducible (n = 1: vLLM's CPU sampler cannot seed n > 1, refused)
+        seeded = c.generate(PROMPTS[:2], n=1, temperature=1.0, seed=7, max_tokens=5, logprobs=True, raw=True)
+        again = c.generate(PROMPTS[:2], n=1, temperature=1.0, seed=7, max_tokens=5, logprobs=True, raw=True)
+        assert again.results == seeded.results
+        with pytest.raises(grpc.RpcError) as err:
+            c.generate(PROMPTS[:2], n=3, temperature=1.0, seed=7, max_tokens=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "params.seed" in err.value.details()
+        # the stream yields the same greedy tokens, prompt ids first, finish reason last
+        msgs = list(c.generate_stream(PROMPTS[1], **GREEDY))
+        assert list(msgs[0].prompt_token_ids) == fresh["qwen_base"][1][0]
+        assert [t for m in msgs for t in m.token_ids] == fresh["qwen_base"][1][1][0][0]
+        assert msgs[-1].finish_reason == policy_pb2.FINISH_REASON_LENGTH
+        assert all(m.finish_reason == policy_pb2.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+        # stop strings / stop token ids / EOS end a completion with the right reason
+        first = fresh["qwen_base"][0][1][0][0]
+        r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, stop_token_ids=[first[2]])[0].completions[0]
+        assert r.finish_reason == "stop" and r.token_ids == first[:first.index(first[2]) + 1]
+        text = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True)[0].completions[0].text
+        if len(text) > 3:
+            stop = text[2:4]
+            r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])[0].completions[0]
+            assert r.finish_reason == "stop" and r.stop_string == stop and stop not in r.text
+
+
+# ---- exactness ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,base,ref", [("llama", "llama_base", "llama_w"), ("qwen2", "qwen_base", "qwen_w")])
+def test_push_equals_fresh_server(servers, models, fresh, arch, base, ref):
+    with client(servers, base) as c:
+        assert fresh[base] != fresh[ref]  # W really differs from the base
+        version = c.model_info().weight_version + 1
+        # a trainer's state_dict, tied lm_head alias included; the client converts to the served dtype
+        reply = c.push_weights(models[arch]["w_state"], version, chunk_bytes=64 << 10)
+        assert reply.version == version and reply.previous_version == version - 1 and reply.tensors > 0
+        outputs, versions = greedy(c)
+        assert versions == {version}
+        assert outputs == fresh[ref]
+        assert c.model_info().weight_version == version
+
+
+def test_partial_pushes_restore_the_base(servers, models, fresh):
+    """Two partial pushes of the base weights (half the tensors each) bring back exactly what
+    the server generated when it started from the base directory."""
+    with client(servers, "qwen_base") as c:
+        state = models["qwen2"]["base_state"]
+        names = sorted(state)
+        v = c.model_info().weight_version
+        c.push_weights({k: state[k] for k in names[::2]}, v + 1, full=False)
+        halfway, _ = greedy(c)
+        assert halfway != fresh["qwen_base"] and halfway != fresh["qwen_w"]
+        c.push_weights({k: state[k] for k in names[1::2]}, v + 2, full=False)
+        outputs, versions = greedy(c)
+        assert outputs == fresh["qwen_base"] and versions == {v + 2}
+
+
+# ---- atomicity ----------------------------------------------------------------------
+
+def _messages(c: PolicyClient, state, version, full=True, chunk_bytes=32 << 10):
+    info = c.model_info()
+    return list(weight_messages(plan_push(state, info), version, full, info.dtype, chunk_bytes))
+
+
+def _with_header(msgs, **changes):
+    msgs = [policy_pb2.UpdateWeightsRequest.FromString(m.SerializeToString()) for m in msgs]
+    h = msgs[0].header
+    for k, v in changes.items():
+        v(h) if callable(v) else setattr(h, k, v)
+    return msgs
+
+
+def test_bad_pushes_change_nothing(servers, models):
+    with client(servers, "llama_base") as c:
+        before, versions = greedy(c)
+        (v,) = versions
+        stub = c.stub
+        good = _messages(c, models["llama"]["base_state"], v + 1)
+
+        def push(msgs):  # the client's channel adds the bearer token
+            return stub.UpdateWeights(iter(msgs), timeout=60)
+
+        def wrong_shape(h):
+            h.tensors[0].shape[0] += 1
+            h.tensors[0].nbytes += h.tensors[0].shape[1] * 2
+
+        def wrong_dtype(h):
+            h.tensors[1].dtype = policy_pb2.DTYPE_FLOAT32
+            h.tensors[1].nbytes *= 2
+
+        def unknown(h):
+            h.tensors.add(name="model.layers.9.mlp.up_proj.weight", dtype=policy_pb2.DTYPE_BFLOAT16, shape=[2], nbytes=4)
+
+        def missing(h):
+            del h.tensors[-1]
+
+        def bad_nbytes(h):
+            h.tensors[0].nbytes += 2
+
+        bad_sha = list(good)
+        bad_sha[-1] = policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(sha256=hashlib.sha256(b"x").digest()))
+        gap = [good[0], good[1], policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
+            offset=good[2].chunk.offset + 1, data=good[2].chunk.data))] + good[3:]
+        cases = {
+            "wrong shape": (_with_header(good, shape=wrong_shape), grpc.StatusCode.FAILED_PRECONDITION, "shape"),
+            "wrong dtype": (_with_header(good, dtype=wrong_dtype), grpc.StatusCode.FAILED_PRECONDITION, "dtype"),
+            "unknown tensor": (_with_header(good, t=unknown), grpc.StatusCode.FAILED_PRECONDITION, "not a parameter"),
+            "missing tensor": (_with_header(good, t=missing), grpc.StatusCode.FAILED_PRECONDITION, "misses 1"),
+            "nbytes": (_with_header(good, t=bad_nbytes), grpc.StatusCode.INVALID_ARGUMENT, "nbytes"),
+            "bad checksum": (bad_sha, grpc.StatusCode.INVALID_ARGUMENT, "sha256"),
+            "bad offsets": (gap, grpc.StatusCode.INVALID_ARGUMENT, "offset"),
+            "no commit": (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "no commit"),
+            "chunk first": (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "header"),
+            "old version": (_with_header(good, version=v), grpc.StatusCode.FAILED_PRECONDITION, "version"),
+        }
+        for case, (msgs, code, words) in cases.items():
+            got, details = status_of(lambda: push(msgs))
+            assert got == code, (case, got, details)
+            assert words in details, (case, details)
+
+        # a stream cut at a random point: the client cancels after some chunks
+        import random
+        cut_at = random.Random(0).randrange(2, len(good) - 2)
+        sent = threading.Event()
+
+        def slow():
+            for i, m in enumerate(good):
+                if i == cut_at:
+                    sent.set()
+                    time.sleep(30)  # never finishes: cancelled meanwhile
+                yield m
+
+        future = stub.UpdateWeights.future(slow(), timeout=60)
+        sent.wait(30)
+        future.cancel()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result()
+        time.sleep(0.5)
+
+        after, versions = greedy(c)
+        assert after == before and versions == {v}
+        assert c.model_info().weight_version == v
+        # and a correct push still goes through afterwards
+        assert push(good).version == v + 1
+
+
+# ---- concurrency --------------------------------------------------------------------
+
+def test_pushes_during_generation_never_mix_versions(servers, models, fresh):
+    """Generate calls run while W and the base alternate; every completion's tokens are the
+    greedy tokens of exactly the version it says produced it."""
+    with client(servers, "qwen_base") as c:
+        v0 = c.model_info().weight_version
+        weights = {"base": models["qwen2"]["base_state"], "w": models["qwen2"]["w_state"]}
+        expected = {"base": fresh["qwen_base"], "w": fresh["qwen_w"]}
+        # qwen_base serves the base weights now (test_partial_pushes_restore_the_base)
+        served = {v0: "base"}
+        plan = ["w", "base", "w", "base"]
+        stop = threading.Event()
+        seen: list[tuple[set, list]] = []
+        errors: list[BaseException] = []
+
+        def generate_loop():
+            with client(servers, "qwen_base") as gc:
+                while not stop.is_set():
+                    try:
+                        results = gc.generate(PROMPTS, **GREEDY)
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append(e)
+                        return
+                    versions = {x.weight_version for r in results for x in r.completions}
+                    seen.append((versions, [(r.prompt_token_ids, [(x.token_ids, x.logprobs) for x in r.completions])
+                                            for r in results]))
+
+        with ThreadPoolExecutor(3) as pool:
+            loops = [pool.submit(generate_loop) for _ in range(3)]
+            for i, which in enumerate(plan):
+                time.sleep(0.3)
+                version = v0 + 1 + i
+                assert c.push_weights(weights[which], version).version == version
+                served[version] = which
+            time.sleep(0.5)
+            stop.set()
+            for f in loops:
+                f.result()
+        assert not errors, errors
+        assert len({tuple(sorted(v)) for v, _ in seen}) >= 2, "generation did not overlap the pushes"
+        for versions, outputs in seen:
+            assert len(versions) == 1, f"one Generate mixed versions {versions}"
+            (version,) = versions
+            # other requests share the batch here, so logprobs may differ in the last bits
+            assert same_tokens(outputs, expected[served[version]]), f"completion at version {version} is not {served[version]}"
+
+
+# ---- bad input ----------------------------------------------------------------------
+
+def test_bad_requests_are_invalid_argument(servers, fresh):
+    with client(servers, "qwen_base") as c:
+        long_prompt = [5] * 128
+        cases = [
+            (dict(prompts=[]), "prompts", "[1, 32]"),
+            (dict(prompts=[long_prompt]), "prompts[0]", "128"),
+            (dict(prompts=["hi"], max_tokens=0), "params.max_tokens", "[1, "),
+            (dict(prompts=[[5] * 100], max_tokens=40), "params.max_tokens", "[1, 28]"),
+            (dict(prompts=["hi"], temperature=-0.5), "params.temperature", ">= 0"),
+            (dict(prompts=["hi"], top_p=0.0), "params.top_p", "(0, 1]"),
+            (dict(prompts=["hi"], top_p=1.5), "params.top_p", "(0, 1]"),
+            (dict(prompts=["hi"], n=0), "params.n", "[1, 8]"),
+            (dict(prompts=["hi"], n=9), "params.n", "[1, 8]"),
+            (dict(prompts=["hi"], top_k=-2), "params.top_k", ">= 1"),
+            (dict(prompts=["hi"], stop_token_ids=[10 ** 6]), "params.stop_token_ids[0]", "[0, "),
+            (dict(prompts=[[1, 2, 10 ** 6]]), "prompts[0].token_ids", "[0, "),
+            (dict(prompts=[[1, -3]]), "prompts[0].token_ids", "[0, "),
+            (dict(prompts=[""]), "prompts[0].text", "empty"),
+            (dict(prompts=["hi"], stop=[""]), "params.stop[0]", "256 bytes"),
+            (dict(prompts=["hi"], stop=["x"] * 17), "params.stop", "16"),
+            (dict(prompts=["hi"] * 33), "prompts", "[1, 32]"),
+            (dict(prompts=["hi"], request_id="r" * 129), "request_id", "128"),
+        ]
+        for kw, field, limit in cases:
+            prompts = kw.pop("prompts")
+            code, details = status_of(lambda: c.stub.Generate(
+                policy_pb2.GenerateRequest(prompts=[common_pb2.TextOrTokens(text=p) if isinstance(p, str) else
+                                                    common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=p))
+                                                    for p in prompts],
+                                           params=policy_pb2.SamplingParams(**{k: v for k, v in kw.items()
+                                                                               if k != "request_id"}),
+                                           request_id=kw.get("request_id", "")), timeout=30))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (kw, code, details)
+            assert field in details and limit in details, (kw, details)
+        code, details = status_of(lambda: c.stub.Generate(policy_pb2.GenerateRequest(
+            prompts=[common_pb2.TextOrTokens()]), timeout=30))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0]" in details
+        code, details = status_of(lambda: list(c.generate_stream("hi", n=2)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "params.n" in details
+        v = c.model_info().weight_version
+        code, details = status_of(lambda: c.generate("hi", require_weight_version=v + 100))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and str(v) in details
+        # still serving, and require_weight_version passes when it matches
+        assert c.generate("hi", require_weight_version=v, max_tokens=2)[0].completions[0].weight_version == v
+
+
+def test_update_weights_needs_the_token(servers, models):
+    s = servers["llama_base"]
+    with PolicyClient(s.address, ClientConfig(auth_token=None), timeout=30) as anonymous:
+        code, _ = status_of(lambda: anonymous.stub.UpdateWeights(iter([policy_pb2.UpdateWeightsRequest(
+            header=policy_pb2.WeightsHeader(version=10 ** 6))]), timeout=30))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    with PolicyClient(s.address, ClientConfig(auth_token="wrong"), timeout=30) as wrong:
+        code, _ = status_of(lambda: wrong.stub.UpdateWeights(iter([policy_pb2.UpdateWeightsRequest(
+            header=policy_pb2.WeightsHeader(version=10 ** 6))]), timeout=30))
+        assert code == grpc.StatusCode.UNAUTHENTICATED
+    with client(servers, "llama_base") as c:
+        assert c.model_info().weight_version < 10 ** 6
+
+
+def test_metrics(servers):
+    s = servers["llama_base"]
+    with client(servers, "llama_base") as c:
+        version = c.model_info().weight_version
+    text = urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_port}/metrics", timeout=10).read().decode()
+
+    def value(pattern):
+        m = re.search(rf"^{pattern} ([0-9.e+]+)$", text, re.M)
+        assert m, pattern
+        return float(m.group(1))
+
+    assert value("rlhf_policy_weight_version") == version
+    assert value(r'rlhf_policy_requests_total\{method="Generate"\}') >= 3
+    assert value("rlhf_policy_generated_tokens_total") > 0
+    assert value("rlhf_policy_prompt_tokens_total") > 0
+    assert value("rlhf_policy_time_to_first_token_seconds_count") > 0
+    assert value(r'rlhf_policy_weight_updates_total\{result="ok"\}') >= 2
+    assert value(r'rlhf_policy_weight_updates_total\{result="failed_precondition"\}') >= 1
+    assert value("rlhf_policy_weight_update_bytes_total") > 0
+    assert value("rlhf_policy_weight_update_seconds_count") >= 2
+
+
+def test_async_client(servers, models, fresh):
+    import asyncio
+
+    from services.policy.client import AsyncPolicyClient
+
+    async def main():
+        async with AsyncPolicyClient(servers["qwen_base"].address, timeout=120) as c:
+            v = (await c.model_info()).weight_version
+            # the base weights are served now (the concurrency test ends on them)
+            results = await c.generate(PROMPTS, **GREEDY)
+            got = [(r.prompt_token_ids, [(x.token_ids, x.logprobs) for x in r.completions]) for r in results]
+            assert got == fresh["qwen_base"]
+            tokens = [t async for m in c.generate_stream(PROMPTS[0], **GREEDY) for t in m.token_ids]
+            assert tokens == fresh["qwen_base"][0][1][0][0]
+            reply = await c.push_weights(iter(models["qwen2"]["w_state"].items()), v + 1)
+            assert reply.version == v + 1
+            results = await c.generate(PROMPTS, **GREEDY)
+            got = [(r.prompt_token_ids, [(x.token_ids, x.logprobs) for x in r.completions]) for r in results]
+            assert got == fresh["qwen_w"] and {x.weight_version for r in results for x in r.completions} == {v + 1}
+
+    asyncio.run(main())

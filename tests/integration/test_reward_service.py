@@ -1,0 +1,425 @@
+"""RewardService against a real `rlhf serve reward` process on loopback.
+
+The reference is the model loaded here with transformers (AutoModelForSequenceClassification),
+one pair at a time without padding, on inputs built the documented way:
+tokens(format_prompt(prompt)) + tokens(response) + [eos].
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from services.common.config import ClientConfig
+from services.common.launch import ChildServer, free_port, rlhf_command
+from services.common.text import format_prompt
+from services.reward.client import AsyncRewardClient, RewardClient
+
+SERVICE = "rlhf.v1.RewardService"
+MAX_LENGTH = 64
+MAX_PAIRS = 16
+MAX_TEXT_BYTES = 2048
+SCORE_MEAN, SCORE_STD = 0.25, 2.0
+TOKEN = "s3cret-token"
+
+PAIRS = [
+    ("What is 2+2?", "4"),
+    ("Name a color.", "Blue is a color that many people like."),
+    ("Tell me a story about a cat.", "Once upon a time a cat sat on a mat and looked at the moon for a long while."),
+    ("Hi", "Hello! How can I help you today?"),
+    ("Café?", "Oui, un café ☕, merci."),
+    ("List three fruits.", "Apple, banana, cherry."),
+]
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_reward_dir, tmp_path_factory):
+    """The tiny reward model plus training metadata (score statistics for normalize)."""
+    d = tmp_path_factory.mktemp("rm") / "reward"
+    shutil.copytree(tiny_reward_dir, d)
+    (d / "reward_meta.json").write_text(json.dumps(
+        {"score_mean": SCORE_MEAN, "score_std": SCORE_STD, "eval_accuracy": 0.75}))
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(reward_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(reward_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype=torch.float32).eval()
+
+    class Ref:
+        tokenizer = tok
+
+        @staticmethod
+        def parts(prompt: str, response: str) -> tuple[list[int], list[int]]:
+            p = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+            r = tok(response, add_special_tokens=False)["input_ids"]
+            return list(p), list(r)
+
+        @staticmethod
+        def ids(prompt: str, response: str) -> list[int]:
+            p, r = Ref.parts(prompt, response)
+            return p + r + [tok.eos_token_id]
+
+        @staticmethod
+        def score_ids(ids: list[int]) -> float:
+            with torch.no_grad():
+                return model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+        @staticmethod
+        def score(prompt: str, response: str) -> float:
+            return Ref.score_ids(Ref.ids(prompt, response))
+
+    return Ref
+
+
+def _serve(model_dir, tmp_path_factory, *extra, env=None):
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
+    log = tmp_path_factory.mktemp("logs") / "reward.log"
+    argv = rlhf_command("serve", "reward", "--model", str(model_dir), "--host", "127.0.0.1",
+                        "--port", str(port), "--metrics-port", str(metrics_port), "--http-port", str(http_port),
+                        "--device", "cpu", *extra)
+    server = ChildServer(argv, port=port, service=SERVICE, env={"RLHF_AUTH_TOKEN": "", **(env or {})},
+                         log_path=log, ready_timeout=180)
+    server.http_url = f"http://127.0.0.1:{http_port}/get_reward"
+    server.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(reward_dir, tmp_path_factory):
+    with _serve(reward_dir, tmp_path_factory, "--max-length", str(MAX_LENGTH), "--max-pairs", str(MAX_PAIRS),
+                "--max-text-bytes", str(MAX_TEXT_BYTES)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RewardClient(server.address, ClientConfig()) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def guarded(reward_dir, tmp_path_factory):
+    """Auth on, a queue of 4 pairs and a long max wait (so that a flood finds the queue full)."""
+    with _serve(reward_dir, tmp_path_factory, "--max-queue", "4", "--max-wait-ms", "300",
+                env={"RLHF_AUTH_TOKEN": TOKEN}) as s:
+        yield s
+
+
+def post(url: str, body, token: str | None = None) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def close(a, b) -> bool:
+    return math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def assert_serving(client, reference):
+    """After a rejected request the service still scores correctly."""
+    p, r = PAIRS[1]
+    assert close(client.scores([(p, r)])[0], reference.score(p, r))
+
+
+# ---- service vs library ---------------------------------------------------------------------
+
+def test_single_requests_match_library(client, reference):
+    for p, r in PAIRS:
+        reply = client.score([(p, r)])
+        (res,) = reply.results
+        assert close(res.raw_score, reference.score(p, r)), (p, r)
+        assert res.score == res.raw_score  # normalize off
+        assert not res.truncated
+        assert res.num_tokens == len(reference.ids(p, r))
+
+
+def test_batch_matches_library_and_carries_the_version(client, reference, reward_dir):
+    import hashlib
+
+    reply = client.score(PAIRS, request_id="batch-1")
+    assert reply.request_id == "batch-1"
+    assert [close(r.raw_score, reference.score(p, s)) for r, (p, s) in zip(reply.results, PAIRS)] == [True] * len(PAIRS)
+    h = hashlib.sha256()
+    for f in sorted(reward_dir.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    info = client.model_info()
+    assert reply.model_version == info.model_version
+    assert re.fullmatch(r"[0-9a-f]{16}", reply.model_version)
+    assert info.model_version == h.hexdigest()[:16]
+
+
+def test_normalize_uses_training_statistics(client, reference):
+    p, r = PAIRS[2]
+    (res,) = client.score([(p, r)], normalize=True).results
+    assert close(res.raw_score, reference.score(p, r))
+    assert close(res.score, (res.raw_score - SCORE_MEAN) / SCORE_STD)
+
+
+def test_token_ids_score_like_text(client, reference):
+    eos = reference.tokenizer.eos_token_id
+    as_text = client.scores(PAIRS)
+    parts = [reference.parts(p, r) for p, r in PAIRS]
+    as_ids = client.scores(parts)
+    with_eos = client.scores([(p, r + [eos]) for p, r in parts])  # a completion that stopped on EOS
+    mixed = client.scores([(p, r_ids) for (p, _), (_, r_ids) in zip(PAIRS, parts)])
+    for a, b, c, d in zip(as_text, as_ids, with_eos, mixed):
+        assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5) and a == pytest.approx(d, abs=1e-5)
+
+
+def test_stream_answers_in_order_and_matches_library(client, reference, server):
+    batches = [[PAIRS[i % len(PAIRS)]] for i in range(40)] + [PAIRS]
+    before = _metric(server, "rlhf_reward_batch_size_count")
+    replies = list(client.score_stream(batches))
+    after = _metric(server, "rlhf_reward_batch_size_count")
+    assert [r.request_id for r in replies] == [str(i) for i in range(len(batches))]
+    for reply, batch in zip(replies, batches):
+        assert [close(x.raw_score, reference.score(p, r)) for x, (p, r) in zip(reply.results, batch)] == [True] * len(batch)
+    # Pipelined: requests of the one stream were batched together (one at a time would be 41 forwards).
+    assert after - before < len(batches) - 5
+
+
+def test_async_client_concurrent_requests(server, reference):
+    async def main():
+        async with AsyncRewardClient(server.address, ClientConfig()) as c:
+            replies = await asyncio.gather(*(c.scores([PAIRS[i % len(PAIRS)]]) for i in range(32)))
+            streamed = [r async for r in c.score_stream([PAIRS[:2], PAIRS[2:]])]
+            return replies, streamed
+
+    replies, streamed = asyncio.run(main())
+    for i, (score,) in enumerate(replies):
+        assert close(score, reference.score(*PAIRS[i % len(PAIRS)]))
+    assert [len(r.results) for r in streamed] == [2, len(PAIRS) - 2]
+
+
+def test_compare(client, reference):
+    prompt, first, second = "Name a color.", "Blue.", "I do not know any colors at all, sorry."
+    reply = client.compare(prompt, first, second)
+    a, b = reference.score(prompt, first), reference.score(prompt, second)
+    assert close(reply.first_score, a) and close(reply.second_score, b)
+    assert reply.prob_first_preferred == pytest.approx(1 / (1 + math.exp(-(a - b))), abs=1e-5)
+    assert not reply.truncated and reply.model_version
+    swapped = client.compare(prompt, second, first)
+    assert swapped.prob_first_preferred == pytest.approx(1 - reply.prob_first_preferred, abs=1e-5)
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.architecture == "LlamaForSequenceClassification"
+    assert info.dtype == "float32"
+    assert info.max_length == MAX_LENGTH
+    assert info.score_mean == pytest.approx(SCORE_MEAN) and info.score_std == pytest.approx(SCORE_STD)
+    assert info.eval_accuracy == pytest.approx(0.75)
+    assert info.max_pairs == MAX_PAIRS and info.max_batch_size == 64 and info.max_batch_tokens == 16384
+    assert re.fullmatch(r"[0-9a-f]+", info.instance_id)
+
+
+def test_http_get_reward_matches_library(server, reference):
+    queries = [p + r for p, r in PAIRS]
+    status, body = post(server.http_url, {"query": queries, "prompts": [p for p, _ in PAIRS], "labels": [""] * len(PAIRS)})
+    assert status == 200, body
+    assert len(body["rewards"]) == len(body["scores"]) == len(PAIRS)
+    for got, (p, r) in zip(body["rewards"], PAIRS):
+        assert close(got, reference.score(p, r))
+    assert body["extra_logs"]["truncated"] == [0.0] * len(PAIRS)
+    status, body = post(server.http_url, {"query": queries[:1], "prompts": [PAIRS[0][0]], "normalize": True})
+    assert status == 200
+    assert close(body["rewards"][0], (reference.score(*PAIRS[0]) - SCORE_MEAN) / SCORE_STD)
+
+
+def test_http_bad_input(server, client, reference):
+    status, body = post(server.http_url, {"query": ["Hello there"], "prompts": ["Bye"]})
+    assert status == 400 and "query[0] must start with prompts[0]" in body["error"]
+    status, body = post(server.http_url, {"query": [], "prompts": []})
+    assert status == 400 and "--max-pairs" in body["error"]
+    status, body = post(server.http_url, {"query": ["Hi"], "prompts": ["Hi"]})
+    assert status == 400 and "must not be empty" in body["error"]
+    status, body = post(server.http_url, {"prompts": ["Hi"]})
+    assert status == 400 and "query must be a list of strings" in body["error"]
+    status, body = post(server.http_url, b"{not json")
+    assert status == 400 and "JSON" in body["error"]
+    status, body = post(server.http_url, {"query": ["Hi there"], "prompts": ["Hi"], "truncation": "middle"})
+    assert status == 400 and "truncation" in body["error"]
+    assert_serving(client, reference)
+
+
+def test_metrics_exported(server, client):
+    client.scores(PAIRS[:2])
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    for name in ("rlhf_reward_samples_total", 'rlhf_reward_requests_total{method="Score"}', "rlhf_reward_batch_size_bucket",
+                 "rlhf_reward_batch_tokens_bucket", "rlhf_reward_queue_seconds_bucket",
+                 "rlhf_reward_inference_seconds_bucket", "rlhf_reward_score_bucket", "rlhf_reward_queue_depth",
+                 'grpc_server_handled_total{grpc_code="OK",grpc_method="Score"'):
+        assert name in text, name
+    assert _metric(server, "rlhf_reward_samples_total") >= 2
+
+
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1))
+
+
+# ---- truncation -----------------------------------------------------------------------------
+
+def test_keep_end_of_prompt_truncates_and_reports(server, client, reference):
+    long_prompt = " ".join(f"word{i}" for i in range(80))
+    response = "A short answer."
+    with pytest.raises(grpc.RpcError) as e:
+        client.score([(long_prompt, response)])  # default: reject
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pairs[0]" in e.value.details() and f"--max-length={MAX_LENGTH}" in e.value.details()
+
+    reply = client.score([(long_prompt, response), PAIRS[0]], truncation="keep_end_of_prompt")
+    cut, whole = reply.results
+    p, r = reference.parts(long_prompt, response)
+    r = r + [reference.tokenizer.eos_token_id]
+    kept = p[len(p) - (MAX_LENGTH - len(r)):] + r
+    assert cut.truncated and cut.num_tokens == MAX_LENGTH == len(kept)
+    assert close(cut.raw_score, reference.score_ids(kept))
+    assert not whole.truncated and close(whole.raw_score, reference.score(*PAIRS[0]))
+
+    cmp = client.compare(long_prompt, response, "Another answer.", truncation="keep_end_of_prompt")
+    assert cmp.truncated
+    with pytest.raises(grpc.RpcError) as e:
+        client.compare(long_prompt, response, "Another answer.")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "(prompt, first)" in e.value.details() and f"--max-length={MAX_LENGTH}" in e.value.details()
+
+    status, body = post(server.http_url, {"query": [long_prompt + response], "prompts": [long_prompt],
+                                              "truncation": "keep_end_of_prompt"})
+    assert status == 200 and body["extra_logs"]["truncated"] == [1.0]
+    assert close(body["rewards"][0], cut.raw_score)
+
+    # A response that does not fit alone is rejected even when the prompt may be cut.
+    with pytest.raises(grpc.RpcError) as e:
+        client.score([("Hi", " ".join(["token"] * 200))], truncation="keep_end_of_prompt")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response" in e.value.details()
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+def _stub(server, token: str | None = None):
+    from services.common.channel import create_channel
+    channel = create_channel(server.address, ClientConfig(auth_token=token))
+    return channel, reward_pb2_grpc.RewardServiceStub(channel)
+
+
+def _pair(prompt, response):
+    from services.reward.client import text_or_tokens
+    return reward_pb2.ScorePair(prompt=text_or_tokens(prompt), response=text_or_tokens(response))
+
+
+@pytest.mark.parametrize("request_kw, code, words", [
+    (dict(pairs=[]), "INVALID_ARGUMENT", ["pairs", f"--max-pairs"]),
+    (dict(pairs=[("", "x")]), "INVALID_ARGUMENT", ["pairs[0].prompt.text", "must not be empty"]),
+    (dict(pairs=[("x", "")]), "INVALID_ARGUMENT", ["pairs[0].response.text", "must not be empty"]),
+    (dict(pairs=[("x", "y" * (MAX_TEXT_BYTES + 1))]), "INVALID_ARGUMENT",
+     ["pairs[0].response.text", f"--max-text-bytes={MAX_TEXT_BYTES}"]),
+    (dict(pairs=[("x", "y")], truncation=7), "INVALID_ARGUMENT", ["truncation", "got 7"]),
+    (dict(pairs=[("x", "y")] * (MAX_PAIRS + 1)), "INVALID_ARGUMENT", ["pairs", f"--max-pairs", str(MAX_PAIRS + 1)]),
+    (dict(pairs=[("x", [5, 10**6])]), "INVALID_ARGUMENT", ["pairs[0].response.token_ids.ids[1]", "vocabulary"]),
+    (dict(pairs=[("x", "y")], request_id="r" * 129), "INVALID_ARGUMENT", ["request_id", "128"]),
+])
+def test_bad_score_requests_are_rejected_and_service_goes_on(server, client, reference, request_kw, code, words):
+    kw = dict(request_kw)
+    kw["pairs"] = [_pair(p, r) for p, r in kw.get("pairs", [])]
+    channel, stub = _stub(server)
+    with channel:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(reward_pb2.ScoreRequest(**kw), timeout=30)
+    assert e.value.code() == getattr(grpc.StatusCode, code), e.value.details()
+    for w in words:
+        assert w in e.value.details(), (w, e.value.details())
+    assert_serving(client, reference)
+
+
+def test_missing_oneof_and_bad_compare(server, client, reference):
+    channel, stub = _stub(server)
+    with channel:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(reward_pb2.ScoreRequest(pairs=[reward_pb2.ScorePair()]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "pairs[0].prompt" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compare(reward_pb2.CompareRequest(prompt=_pair("x", "y").prompt, first=_pair("x", "y").response,
+                                                   truncation=7), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncation" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compare(reward_pb2.CompareRequest(prompt=_pair("x", "y").prompt, first=_pair("x", "y").response),
+                         timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "second" in e.value.details()
+    assert_serving(client, reference)
+
+
+def test_bad_request_inside_a_stream_ends_it_with_invalid_argument(client, reference):
+    with pytest.raises(grpc.RpcError) as e:
+        list(client.score_stream([PAIRS[:1], [("", "x")]]))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ScoreStream message 1: pairs[0].prompt.text" in e.value.details()
+    assert_serving(client, reference)
+
+
+# ---- queue limit and auth (a second server: auth on, queue of 4 pairs) --------------------------
+
+def test_full_queue_is_resource_exhausted_and_service_goes_on(guarded, reference):
+    async def flood():
+        async with AsyncRewardClient(guarded.address, ClientConfig(auth_token=TOKEN)) as c:
+            return await asyncio.gather(*(c.scores(PAIRS[:3]) for _ in range(8)), return_exceptions=True)
+
+    results = asyncio.run(flood())
+    errors = [r for r in results if isinstance(r, Exception)]
+    ok = [r for r in results if not isinstance(r, Exception)]
+    assert errors and ok
+    for err in errors:
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue=4" in err.details(), err
+    for scores in ok:
+        assert [close(s, reference.score(p, r)) for s, (p, r) in zip(scores, PAIRS[:3])] == [True] * 3
+    with RewardClient(guarded.address, ClientConfig(auth_token=TOKEN)) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.score(PAIRS[:5])  # more than the whole queue holds
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue=4" in e.value.details()
+        assert close(c.scores([PAIRS[0]])[0], reference.score(*PAIRS[0]))
+
+
+def test_auth(guarded, reference):
+    for token in (None, "wrong-token"):
+        with RewardClient(guarded.address, ClientConfig(auth_token=token)) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                c.score([PAIRS[0]])
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        status, body = post(guarded.http_url, {"query": [PAIRS[0][0] + PAIRS[0][1]], "prompts": [PAIRS[0][0]]}, token)
+        assert status == 401, body
+    with RewardClient(guarded.address, ClientConfig(auth_token=TOKEN)) as c:
+        assert close(c.scores([PAIRS[0]])[0], reference.score(*PAIRS[0]))
+    status, body = post(guarded.http_url, {"query": [PAIRS[0][0] + PAIRS[0][1]], "prompts": [PAIRS[0][0]]}, TOKEN)
+    assert status == 200 and close(body["rewards"][0], reference.score(*PAIRS[0]))
+
+
+# ---- the client needs no torch --------------------------------------------------------------------
+
+def test_clients_import_without_torch():
+    code = ("import sys, services.reward.client, services.policy.client; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "assert 'vllm' not in sys.modules, 'vllm was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,0 +1,473 @@
+"""RewardService under fuzzing, garbage bytes, load, overload and SIGTERM, against real
+`rlhf serve reward` processes (tiny model): one shared server for fuzzing and load (auth
+on, the OpenRLHF HTTP endpoint on), small cheap ones for the limits and the drain."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import math
+import time
+import types
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+from services.common.channel import create_channel
+from services.common.config import ClientConfig
+from services.common.launch import free_port, health_status
+
+from reliability_common import (REWARD, Tally, code_of, load_bench, mib, raw_stream_stream, raw_unary, record,
+                                reward_server, tree_rss)
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "reward-reliability-token"
+AUTH = ClientConfig(auth_token=TOKEN)
+MAX_PAIRS, MAX_TEXT_BYTES = 32, 2048
+BATCH = 16
+FUZZ = settings(deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large, HealthCheck.large_base_example])
+OK, IA, RE, FP = (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  grpc.StatusCode.FAILED_PRECONDITION)
+FIXED = reward_pb2.ScoreRequest(pairs=[
+    reward_pb2.ScorePair(prompt=common_pb2.TextOrTokens(text=p), response=common_pb2.TextOrTokens(text=r))
+    for p, r in [("How do I prepare for my calculus exam?", "Review, then practice old exams."),
+                 ("What is 17 times 23?", "391."), ("Write a haiku about the sea.", "Waves fold into foam.")]])
+
+
+def fixed_scores(stub) -> list[float]:
+    return [r.raw_score for r in stub.Score(FIXED, timeout=60).results]
+
+
+@pytest.fixture(scope="module")
+def reward(tiny_reward_dir, reliability_logs):
+    http_port = free_port()
+    server = reward_server(tiny_reward_dir, reliability_logs, "--max-pairs", str(MAX_PAIRS), "--max-text-bytes",
+                           str(MAX_TEXT_BYTES), "--http-port", str(http_port),
+                           env={"RLHF_AUTH_TOKEN": TOKEN}, client_config=AUTH)
+    with server:
+        vocab = json.loads((tiny_reward_dir / "config.json").read_text())["vocab_size"]
+        channel = create_channel(server.address, AUTH)
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        info = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
+        pool = concurrent.futures.ThreadPoolExecutor(BATCH)
+        yield types.SimpleNamespace(server=server, channel=channel, stub=stub, info=info, vocab=vocab, pool=pool,
+                                    http_port=http_port, baseline=fixed_scores(stub), model_dir=tiny_reward_dir)
+        pool.shutdown(cancel_futures=True)
+        channel.close()
+
+
+# ---- strategies ------------------------------------------------------------------------------
+
+CHARS = st.characters(exclude_categories=("Cs",))
+TEXT = st.text(alphabet=CHARS, min_size=1, max_size=40)
+
+
+def valid_input(vocab: int):
+    return st.one_of(TEXT.map(lambda t: common_pb2.TextOrTokens(text=t)),
+                     st.lists(st.integers(0, vocab - 1), min_size=1, max_size=32).map(
+                         lambda ids: common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=ids))))
+
+
+def bad_input(vocab: int, max_length: int):
+    """(input, what) that must be INVALID_ARGUMENT wherever it appears."""
+    ids = lambda xs: common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=xs))  # noqa: E731
+    return st.one_of(
+        st.just((common_pb2.TextOrTokens(), "input unset")),
+        st.just((common_pb2.TextOrTokens(text=""), "empty text")),
+        st.just((ids([]), "empty token_ids")),
+        st.text(alphabet=CHARS, min_size=MAX_TEXT_BYTES // 4 + 1, max_size=MAX_TEXT_BYTES + 64)
+        .filter(lambda t: len(t.encode()) > MAX_TEXT_BYTES).map(lambda t: (common_pb2.TextOrTokens(text=t), "text too long")),
+        st.tuples(st.lists(st.integers(0, vocab - 1), max_size=8),
+                  st.one_of(st.integers(-2**31, -1), st.integers(vocab, 2**31 - 1)))
+        .map(lambda t: (ids(t[0] + [t[1]] + t[0]), "token id out of range")),
+        st.integers(max_length + 1, max_length + 64).map(lambda n: (ids([5] * n), "token_ids over max length")),
+    )
+
+
+BAD_TRUNCATION = st.one_of(st.integers(3, 2**31 - 1), st.integers(-2**31, -1))
+LONG_REQUEST_ID = st.text(alphabet=CHARS, min_size=33, max_size=200).filter(lambda s: len(s.encode()) > 128)
+
+
+@st.composite
+def score_case(draw, vocab: int, max_length: int):
+    """(ScoreRequest, expected code, what): valid, or exactly one fault."""
+    pairs = draw(st.lists(st.tuples(valid_input(vocab), valid_input(vocab)), min_size=1, max_size=6))
+    r = reward_pb2.ScoreRequest(pairs=[reward_pb2.ScorePair(prompt=p, response=q) for p, q in pairs],
+                                truncation=draw(st.sampled_from([0, 1, 2])), normalize=draw(st.booleans()),
+                                request_id=draw(st.text(alphabet=CHARS, max_size=20)))
+    fault = draw(st.sampled_from(["valid"] * 5 + ["no pairs", "too many pairs", "bad prompt", "bad response",
+                                                  "bad truncation", "request_id too long", "long pair rejected",
+                                                  "long pair kept", "long response"]))
+    i = draw(st.integers(0, len(r.pairs) - 1))
+    long_ids = lambda n: common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=[9] * n))  # noqa: E731
+    if fault == "valid":
+        return r, OK, fault
+    if fault == "no pairs":
+        del r.pairs[:]
+    elif fault == "too many pairs":
+        r.pairs.extend([r.pairs[0]] * (MAX_PAIRS + draw(st.integers(0, 8))))
+    elif fault in ("bad prompt", "bad response"):
+        x, what = draw(bad_input(vocab, max_length))
+        getattr(r.pairs[i], fault.split()[1]).CopyFrom(x)
+        fault = f"{fault}: {what}"
+    elif fault == "bad truncation":
+        r.truncation = draw(BAD_TRUNCATION)
+    elif fault == "request_id too long":
+        r.request_id = draw(LONG_REQUEST_ID)
+    elif fault in ("long pair rejected", "long pair kept"):
+        # prompt fits alone, prompt + response + EOS does not
+        r.pairs[i].prompt.CopyFrom(long_ids(draw(st.integers(max_length - 20, max_length))))
+        r.pairs[i].response.CopyFrom(long_ids(draw(st.integers(21, 40))))
+        if fault == "long pair kept":
+            r.truncation = reward_pb2.TRUNCATION_KEEP_END_OF_PROMPT
+            return r, OK, fault
+        r.truncation = draw(st.sampled_from([0, 1]))
+    elif fault == "long response":
+        r.pairs[i].response.CopyFrom(long_ids(max_length))
+        r.truncation = reward_pb2.TRUNCATION_KEEP_END_OF_PROMPT
+    return r, IA, fault
+
+
+def check_score(r, reply, info) -> None:
+    assert len(reply.results) == len(r.pairs)
+    assert reply.request_id == r.request_id and reply.model_version == info.model_version
+    for res in reply.results:
+        assert math.isfinite(res.score) and math.isfinite(res.raw_score)
+        assert 0 < res.num_tokens <= info.max_length
+        if not r.normalize:
+            assert res.score == res.raw_score
+    if r.truncation != reward_pb2.TRUNCATION_KEEP_END_OF_PROMPT:
+        assert not any(res.truncated for res in reply.results)
+
+
+# ---- 1. fuzzing ------------------------------------------------------------------------------
+
+def test_fuzz_score(reward, request):
+    tally = Tally()
+
+    @settings(FUZZ, max_examples=100)
+    @given(st.lists(score_case(reward.vocab, reward.info.max_length), min_size=BATCH, max_size=BATCH))
+    def run(cases):
+        futures = [reward.stub.Score.future(r, timeout=60) for r, _, _ in cases]
+        for (r, want, what), f in zip(cases, futures):
+            code, details = code_of(f)
+            tally.add("Score", code, {want}, what, details)
+            if code == OK:
+                tally.check("Score", what, check_score, r, f.result(), reward.info)
+                if what == "long pair kept" and not any(x.truncated for x in f.result().results):
+                    tally.fail("Score", what, "TRUNCATION_KEEP_END_OF_PROMPT did not say truncated")
+
+    run()
+    same = fixed_scores(reward.stub) == reward.baseline
+    record(request, "Fuzz RewardService.Score (valid, or one fault each)", cases=tally.cases(),
+           errors=tally.summary("Score"), lost=0 if same else "fixed answer changed", result=tally.result())
+    assert same
+    assert not tally.wrong, "\n".join(tally.wrong)
+
+
+def test_fuzz_score_stream(reward, request):
+    """Streams of 1-6 requests; a faulty one ends the stream with its code after the
+    answers of the requests before it, in order."""
+    tally = Tally()
+
+    def consume(reqs):
+        try:
+            return OK, "", list(reward.stub.ScoreStream(iter(reqs), timeout=60))
+        except grpc.RpcError as e:
+            return e.code(), e.details() or "", []
+
+    @settings(FUZZ, max_examples=60)
+    @given(st.lists(st.lists(score_case(reward.vocab, reward.info.max_length), min_size=1, max_size=6),
+                    min_size=BATCH // 2, max_size=BATCH // 2))
+    def run(streams):
+        outs = list(reward.pool.map(lambda s: consume([r for r, _, _ in s]), streams))
+        for cases, (code, details, replies) in zip(streams, outs):
+            first_bad = next((k for k, (_, want, _) in enumerate(cases) if want != OK), None)
+            want = OK if first_bad is None else cases[first_bad][1]
+            what = "all valid" if first_bad is None else cases[first_bad][2]
+            tally.add("ScoreStream", code, {want}, what, details)
+            if code == OK:
+                if len(replies) != len(cases):
+                    tally.fail("ScoreStream", what, f"{len(replies)} answers to {len(cases)} requests")
+                for (r, _, _), reply in zip(cases, replies):
+                    tally.check("ScoreStream", what, check_score, r, reply, reward.info)
+
+    run()
+    same = fixed_scores(reward.stub) == reward.baseline
+    record(request, "Fuzz RewardService.ScoreStream (streams of 1-6 requests)", cases=tally.cases(),
+           errors=tally.summary("ScoreStream"), lost=0 if same else "fixed answer changed", result=tally.result())
+    assert same
+    assert not tally.wrong, "\n".join(tally.wrong)
+
+
+@st.composite
+def compare_case(draw, vocab: int, max_length: int):
+    fields = {k: draw(valid_input(vocab)) for k in ("prompt", "first", "second")}
+    truncation = draw(st.sampled_from([0, 1, 2]))
+    fault = draw(st.sampled_from(["valid"] * 4 + ["bad prompt", "bad first", "bad second", "bad truncation"]))
+    want = OK
+    if fault.startswith("bad ") and fault != "bad truncation":
+        x, what = draw(bad_input(vocab, max_length))
+        fields[fault.split()[1]] = x
+        fault, want = f"{fault}: {what}", IA
+    elif fault == "bad truncation":
+        truncation, want = draw(BAD_TRUNCATION), IA
+    return reward_pb2.CompareRequest(truncation=truncation, **fields), want, fault
+
+
+def test_fuzz_compare_and_model_info(reward, request):
+    tally = Tally()
+
+    def check(reply):
+        assert 0.0 <= reply.prob_first_preferred <= 1.0
+        expect = 1 / (1 + math.exp(-(reply.first_score - reply.second_score)))
+        assert abs(reply.prob_first_preferred - expect) < 1e-5, (reply, expect)
+        assert reply.model_version == reward.info.model_version
+
+    @settings(FUZZ, max_examples=100)
+    @given(st.lists(compare_case(reward.vocab, reward.info.max_length), min_size=BATCH, max_size=BATCH))
+    def run(cases):
+        futures = [reward.stub.Compare.future(r, timeout=60) for r, _, _ in cases]
+        infos = [reward.stub.GetModelInfo.future(common_pb2.GetModelInfoRequest(), timeout=60) for _ in range(4)]
+        for (r, want, what), f in zip(cases, futures):
+            code, details = code_of(f)
+            tally.add("Compare", code, {want}, what, details)
+            if code == OK:
+                tally.check("Compare", what, check, f.result())
+        for f in infos:
+            code, details = code_of(f)
+            tally.add("GetModelInfo", code, {OK}, "", details)
+            if code == OK and f.result().model_version != reward.info.model_version:
+                tally.fail("GetModelInfo", "", "model_version changed")
+
+    run()
+    same = fixed_scores(reward.stub) == reward.baseline
+    record(request, "Fuzz RewardService.Compare (valid, or one fault each)", cases=tally.cases("Compare"),
+           errors=tally.summary("Compare"), lost=0 if same else "fixed answer changed", result=tally.result())
+    record(request, "Fuzz RewardService.GetModelInfo (alongside Compare)", cases=tally.cases("GetModelInfo"),
+           errors=tally.summary("GetModelInfo"), lost=0,
+           result="pass" if set(tally.codes["GetModelInfo"]) == {"OK"} else "FAIL")
+    assert same
+    assert not tally.wrong, "\n".join(tally.wrong)
+
+
+def _mangle(data: bytes):
+    return st.one_of(
+        st.binary(max_size=256),
+        st.tuples(st.integers(0, max(0, len(data) - 1)), st.integers(0, 255)).map(
+            lambda t: data[:t[0]] + bytes([t[1]]) + data[t[0] + 1:]),
+        st.integers(0, len(data)).map(lambda k: data[:k]),
+        st.tuples(st.integers(0, len(data)), st.binary(min_size=1, max_size=16)).map(
+            lambda t: data[:t[0]] + t[1] + data[t[0]:]),
+    )
+
+
+def test_fuzz_garbage_bytes(reward, request):
+    """Bytes straight to the server's decoder: INVALID_ARGUMENT for what does not parse,
+    never UNKNOWN or INTERNAL."""
+    tally = Tally()
+    score = FIXED.SerializeToString()
+    compare = reward_pb2.CompareRequest(prompt=FIXED.pairs[0].prompt, first=FIXED.pairs[0].response,
+                                        second=FIXED.pairs[1].response).SerializeToString()
+    calls = {m: raw_unary(reward.channel, REWARD, m) for m in ("Score", "Compare", "GetModelInfo")}
+    stream = raw_stream_stream(reward.channel, REWARD, "ScoreStream")
+
+    def drain(msgs):
+        try:
+            list(stream(iter(msgs), timeout=60))
+            return OK, ""
+        except grpc.RpcError as e:
+            return e.code(), e.details() or ""
+
+    @settings(FUZZ, max_examples=100)
+    @given(st.lists(_mangle(score), min_size=8, max_size=8), st.lists(_mangle(compare), min_size=8, max_size=8),
+           st.lists(_mangle(b""), min_size=4, max_size=4),
+           st.lists(st.lists(_mangle(score), min_size=1, max_size=3), min_size=4, max_size=4))
+    def run(score_bytes, compare_bytes, info_bytes, stream_msgs):
+        futures = [("Score", calls["Score"].future(b, timeout=60)) for b in score_bytes]
+        futures += [("Compare", calls["Compare"].future(b, timeout=60)) for b in compare_bytes]
+        futures += [("GetModelInfo", calls["GetModelInfo"].future(b, timeout=60)) for b in info_bytes]
+        for rpc, f in futures:
+            code, details = code_of(f)
+            tally.add(rpc, code, None, "garbage", details)
+        for code, details in reward.pool.map(drain, stream_msgs):
+            tally.add("ScoreStream", code, None, "garbage", details)
+
+    run()
+    same = fixed_scores(reward.stub) == reward.baseline
+    record(request, "Garbage bytes to RewardService decoders (all 4 RPCs)", cases=tally.cases(),
+           errors="; ".join(f"{r}: {tally.summary(r)}" for r in sorted(tally.codes)),
+           lost=0 if same else "fixed answer changed", result=tally.result())
+    assert same
+    assert not tally.wrong, "\n".join(tally.wrong)
+
+
+# ---- 5. security: tokens on every RPC, over gRPC and HTTP -------------------------------------
+
+BAD_TOKENS = [None, "", "wrong", TOKEN[:-1], TOKEN + "x", TOKEN.upper(), " " + TOKEN]
+
+
+def test_every_rpc_needs_the_token(reward, request):
+    pair = FIXED.pairs[0]
+    refused = 0
+    for token in BAD_TOKENS:
+        with create_channel(reward.server.address, ClientConfig(auth_token=token)) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            calls = {
+                "Score": lambda: stub.Score(FIXED, timeout=30),
+                "ScoreStream": lambda: list(stub.ScoreStream(iter([FIXED, FIXED]), timeout=30)),
+                "Compare": lambda: stub.Compare(reward_pb2.CompareRequest(prompt=pair.prompt, first=pair.response,
+                                                                          second=pair.response), timeout=30),
+                "GetModelInfo": lambda: stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30),
+            }
+            for name, call in calls.items():
+                with pytest.raises(grpc.RpcError) as err:
+                    call()
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (token, name, err.value)
+                refused += 1
+    record(request, f"Auth: RewardService, 4 RPCs x {len(BAD_TOKENS)} missing/wrong tokens", cases=refused,
+           errors=f"{refused} UNAUTHENTICATED", result="pass")
+
+
+def _post(port: int, body, token: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = token
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/get_reward", data=json.dumps(body).encode(),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_http_get_reward_honours_the_token(reward, request):
+    body = {"query": ["What is 17 times 23? 391."], "prompts": ["What is 17 times 23?"]}
+    refused = 0
+    for header in [None, "", "Bearer", "Bearer ", "Bearer wrong", f"Bearer {TOKEN}x", f"Bearer {TOKEN[:-1]}",
+                   TOKEN, f"bearer {TOKEN}", f"Basic {TOKEN}"]:
+        status, reply = _post(reward.http_port, body, header)
+        assert status == 401 and "rewards" not in reply, (header, status, reply)
+        refused += 1
+    status, reply = _post(reward.http_port, body, f"Bearer {TOKEN}")
+    assert status == 200 and len(reply["rewards"]) == 1, reply
+    # Bad bodies with the right token: 400, never 500.
+    bad = [{"query": "x"}, {"query": ["a"], "prompts": ["b"]}, {"query": [], "prompts": []}, [1, 2],
+           {"query": ["ab"], "prompts": ["a"], "truncation": "sideways"}]
+    for b in bad:
+        status, _ = _post(reward.http_port, b, f"Bearer {TOKEN}")
+        assert status == 400, (b, status)
+    record(request, "HTTP POST /get_reward (OpenRLHF) with auth on", cases=refused + 1 + len(bad),
+           errors=f"{refused} wrong/missing tokens -> 401, {len(bad)} bad bodies -> 400, right token -> 200",
+           result="pass")
+
+
+def test_token_comparison_is_constant_time(monkeypatch):
+    """Both doors compare the bearer token with hmac.compare_digest, never with ==."""
+    import ast
+    import hmac
+    import inspect
+
+    from services.common import interceptor
+    from services.reward import http
+
+    seen = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: seen.append((a, b)) or real(a, b))
+
+    class Md:
+        def __init__(self, k, v):
+            self.key, self.value = k, v
+
+    i = interceptor.ServerInterceptor("tok")
+    assert not i._authorized(REWARD, [Md("authorization", "Bearer nope")])
+    assert i._authorized(REWARD, [Md("authorization", "Bearer tok")])
+    assert seen == [(b"Bearer nope", b"Bearer tok"), (b"Bearer tok", b"Bearer tok")]
+
+    # The HTTP handler: compare_digest is called on the header, and no == / != touches the token.
+    tree = ast.parse(inspect.getsource(http))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "hmac.compare_digest"]
+    assert calls, "services/reward/http.py does not use hmac.compare_digest"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops):
+            text = ast.unparse(node)
+            assert "expected" not in text and "token" not in text.lower(), text
+
+
+# ---- 3. load ---------------------------------------------------------------------------------
+
+def test_load_64_clients_60s(reward, request):
+    bench = load_bench()
+    r = asyncio.run(bench.run_load(reward.server.address, "reward", clients=64, duration=60, config=AUTH,
+                                   pid=reward.server.pid, warmup=10, pairs=4, timeout=60))
+    time.sleep(2)
+    after = tree_rss(reward.server.pid)
+    growth = max(r["rss_max_after_warmup"], after) / r["rss_warm"] - 1
+    same = fixed_scores(reward.stub) == reward.baseline
+    record(request, "Load: RewardService.Score, 64 clients x 60 s (4 pairs each)", cases=r["requests"],
+           load=f"64 clients, {r['duration_s']} s, {r['rps']} req/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms",
+           errors=r["errors"], memory=f"before {mib(r['rss_before'])}, after warm-up {mib(r['rss_warm'])}, "
+                                      f"max {mib(r['rss_max_after_warmup'])}, after {mib(after)} ({growth:+.1%})",
+           lost=0 if same else "fixed answer changed",
+           result="pass" if r["errors"] == 0 and growth <= 0.10 and same else "FAIL")
+    assert r["errors"] == 0, r["codes"]
+    assert growth <= 0.10, r
+    assert same and health_status(reward.server.address, REWARD, AUTH) == 1
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_reward_dir, reliability_logs):
+    """Small limits on purpose: 16 queued pairs, 24 RPCs in flight."""
+    with reward_server(tiny_reward_dir, reliability_logs, "--max-queue", "16", "--max-concurrent-rpcs", "24",
+                       "--max-wait-ms", "20") as server:
+        yield server
+
+
+def test_overload_is_fast_resource_exhausted(limited, request):
+    bench = load_bench()
+    with create_channel(limited.address, ClientConfig()) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        before = fixed_scores(stub)
+        r = asyncio.run(bench.run_load(limited.address, "reward", clients=128, duration=15, pairs=4, timeout=30,
+                                       pid=limited.pid, warmup=3))
+        time.sleep(1)
+        calm = asyncio.run(bench.run_load(limited.address, "reward", clients=2, duration=3, pairs=4, timeout=30))
+        after = fixed_scores(stub)
+    refused = r["codes"].get("RESOURCE_EXHAUSTED", 0)
+    ok = set(r["codes"]) <= {"OK", "RESOURCE_EXHAUSTED"} and refused > 0 and r["ok"] > 0
+    fast = r["p99_ms_by_code"].get("RESOURCE_EXHAUSTED", 0) < 2500  # deadline 30 s; the client shares 2 cores
+    record(request, "Overload: RewardService, 128 clients vs --max-queue 16 / --max-concurrent-rpcs 24, 15 s",
+           cases=r["requests"] + calm["requests"],
+           load=f"128 clients; OK p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms",
+           errors=f"codes {r['codes']}; RESOURCE_EXHAUSTED p50 {r['p50_ms_by_code'].get('RESOURCE_EXHAUSTED')} ms "
+                  f"p99 {r['p99_ms_by_code'].get('RESOURCE_EXHAUSTED')} ms (deadline 30 s); "
+                  f"afterwards {calm['codes']}",
+           memory=f"max {mib(r['rss_max'])}", lost=0 if before == after else "fixed answer changed",
+           result="pass" if ok and fast and calm["errors"] == 0 and before == after else "FAIL")
+    assert ok, r
+    assert fast, r
+    assert calm["errors"] == 0 and calm["ok"] > 0, calm
+    assert before == after
+
+
+# ---- 4. shutdown under load ------------------------------------------------------------------
+
+@pytest.mark.xfail(strict=False, reason="known open: under continuous load a few calls that arrive while grpc's "
+                   "server.stop() runs end CANCELLED instead of UNAVAILABLE (docs/reliability.md, issue 8 stays open)")
+def test_sigterm_under_load_drains(tiny_reward_dir, reliability_logs, request):
+    from shutdown_check import sigterm_under_load
+
+    server = reward_server(tiny_reward_dir, reliability_logs, "--grace-seconds", "10", "--max-wait-ms", "20")
+    with server:
+        row, failed = sigterm_under_load(server, REWARD, ClientConfig(), "reward", grace=10, clients=32)
+    record(request, "SIGTERM under load: RewardService, 32 clients", **row)
+    assert not failed, (failed, row)

@@ -1,0 +1,228 @@
+"""PPO math against numbers worked out by hand in each test (not by calling the code under test)."""
+import math
+
+import pytest
+import torch
+
+from services.trainer import ppo
+
+
+def close(a, b, tol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol)
+
+
+def test_masked_mean_and_var_ignore_padding():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    assert close(ppo.masked_mean(x, mask), (1 + 2 + 3) / 3)
+    # Bessel: ((1-2)^2 + 0 + (3-2)^2) / (3 - 1) = 1
+    assert close(ppo.masked_var(x, mask), 1.0)
+    assert close(ppo.masked_var(x, mask, unbiased=False), 2 / 3)
+    assert close(ppo.masked_mean(x, mask, dim=1), [2.0])
+
+
+def test_masked_whiten_by_hand():
+    x = torch.tensor([[2.0, 4.0], [6.0, 8.0], [50.0, -7.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
+    mean = (2 + 4 + 6 + 8) / 4  # 5
+    std = math.sqrt(((2 - 5) ** 2 + (4 - 5) ** 2 + (6 - 5) ** 2 + (8 - 5) ** 2) / 3)  # sqrt(20/3)
+    expected = [[(2 - mean) / std, (4 - mean) / std], [(6 - mean) / std, (8 - mean) / std], [0.0, 0.0]]
+    assert close(ppo.masked_whiten(x, mask), expected)
+    # shift_mean=False rescales but keeps the mean (and the padding at 0)
+    expected_keep = [[e + mean for e in expected[0]], [e + mean for e in expected[1]], [0.0, 0.0]]
+    assert close(ppo.masked_whiten(x, mask, shift_mean=False), expected_keep)
+
+
+def test_gae_by_hand_with_padding():
+    gamma, lam = 0.9, 0.8
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.5, 1.0, 100.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [1.0, 2.0, 50.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    adv, ret = ppo.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    # row 0, backwards; no value after the last token
+    d2 = 2.0 + 0.0 - 1.5                   # 0.5
+    a2 = d2
+    d1 = 0.0 + 0.9 * 1.5 - 1.0             # 0.35
+    a1 = d1 + 0.9 * 0.8 * a2               # 0.71
+    d0 = 1.0 + 0.9 * 1.0 - 0.5             # 1.4
+    a0 = d0 + 0.9 * 0.8 * a1               # 1.9112
+    # row 1: token 2 is padding (its 100 reward and 50 value must not leak in)
+    e1 = 1.0 + 0.0 - 2.0                   # -1
+    e0 = 0.5 + 0.9 * 2.0 - 1.0 + 0.9 * 0.8 * e1   # 1.3 - 0.72 = 0.58
+    assert close(adv, [[a0, a1, a2], [e0, e1, 0.0]])
+    assert close(ret, [[a0 + 0.5, a1 + 1.0, a2 + 1.5], [e0 + 1.0, e1 + 2.0, 0.0]])
+    assert abs(a0 - 1.9112) < 1e-9 and abs(e0 - 0.58) < 1e-9  # the hand arithmetic itself
+
+
+def test_gae_gamma_one_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.0, 0.0, 3.0]])
+    values = torch.tensor([[1.0, 2.0, 0.5]])
+    mask = torch.ones(1, 3)
+    adv, ret = ppo.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # Monte-Carlo: every token's return is the final reward 3
+    assert close(ret, [[3.0, 3.0, 3.0]])
+    assert close(adv, [[3.0 - 1.0, 3.0 - 2.0, 3.0 - 0.5]])
+
+
+def test_kl_estimators_by_hand():
+    logp = torch.log(torch.tensor([0.5, 0.2]))
+    ref = torch.log(torch.tensor([0.25, 0.4]))
+    # k1 = log p - log p_ref
+    assert close(ppo.kl_k1(logp, ref), [math.log(0.5 / 0.25), math.log(0.2 / 0.4)])
+    # k3 = (r - 1) - log r, r = p_ref / p: r = 0.5 and r = 2
+    assert close(ppo.kl_k3(logp, ref), [(0.5 - 1) - math.log(0.5), (2 - 1) - math.log(2)])
+    assert (ppo.kl_k3(logp, ref) >= 0).all()
+
+
+def test_kl_estimators_are_unbiased_over_the_whole_distribution():
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.4, 0.4, 0.2])
+    kl = 0.7 * math.log(0.7 / 0.4) + 0.2 * math.log(0.2 / 0.4) + 0.1 * math.log(0.1 / 0.2)
+    assert close((p * ppo.kl_k1(p.log(), q.log())).sum(), kl)
+    assert close((p * ppo.kl_k3(p.log(), q.log())).sum(), kl)
+
+
+def test_shape_rewards_kl_score_and_eos_penalty():
+    logp = torch.log(torch.tensor([[0.5, 0.5, 0.5], [0.2, 0.5, 0.9]]))
+    ref = torch.log(torch.tensor([[0.25, 0.5, 1.0], [0.4, 0.5, 0.1]]))
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    scores = torch.tensor([1.0, 2.0])
+    missing_eos = torch.tensor([True, False])  # row 0 ran into max_tokens
+    beta = 0.1
+    rewards, kl, final = ppo.shape_rewards(scores, logp, ref, mask, beta,
+                                           missing_eos=missing_eos, missing_eos_penalty=1.0)
+    k = [[math.log(2), 0.0, math.log(0.5)], [math.log(0.5), 0.0, 0.0]]
+    assert close(kl, k)
+    expected = [[-0.1 * k[0][0], -0.1 * k[0][1], -0.1 * k[0][2] + (1.0 - 1.0)],
+                [-0.1 * k[1][0], -0.1 * k[1][1] + 2.0, 0.0]]
+    assert close(rewards, expected)
+    assert close(final, [0.0, 2.0])
+    # without the penalty row 0 gets its score back
+    rewards2, _, _ = ppo.shape_rewards(scores, logp, ref, mask, beta)
+    assert close(rewards2[0, 2], -0.1 * math.log(0.5) + 1.0)
+
+
+def test_shape_rewards_normalises_then_clips_then_penalises():
+    logp = torch.zeros(3, 2)
+    mask = torch.ones(3, 2)
+    scores = torch.tensor([1.0, 9.0, -9.0])
+    missing_eos = torch.tensor([False, True, False])
+    rewards, _, final = ppo.shape_rewards(scores, logp, logp, mask, 0.5, score_mean=1.0, score_std=2.0,
+                                          score_clip=3.0, missing_eos=missing_eos, missing_eos_penalty=2.0)
+    # (1-1)/2 = 0; (9-1)/2 = 4 -> clip 3 -> minus 2 = 1; (-9-1)/2 = -5 -> clip -3
+    assert close(final, [0.0, 1.0, -3.0])
+    assert close(rewards, [[0.0, 0.0], [0.0, 1.0], [0.0, -3.0]])
+
+
+def test_shape_rewards_k3():
+    logp = torch.log(torch.tensor([[0.5, 0.2]]))
+    ref = torch.log(torch.tensor([[0.25, 0.4]]))
+    rewards, kl, _ = ppo.shape_rewards(torch.tensor([0.0]), logp, ref, torch.ones(1, 2), 2.0, kl_estimator="k3")
+    k3 = [(0.5 - 1) - math.log(0.5), (2 - 1) - math.log(2)]
+    assert close(kl, [k3])
+    assert close(rewards, [[-2.0 * k3[0], -2.0 * k3[1]]])
+
+
+def test_adaptive_kl_controller_by_hand():
+    c = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(current_kl=9.0, n_steps=256)   # error 9/6 - 1 = 0.5, clipped to 0.2
+    after_one = 0.1 * (1 + 0.2 * 256 / 10000)
+    assert c.value == pytest.approx(after_one)
+    c.update(current_kl=5.4, n_steps=256)   # error 5.4/6 - 1 = -0.1, inside the clip
+    after_two = after_one * (1 - 0.1 * 256 / 10000)
+    assert c.value == pytest.approx(after_two)
+    c.update(current_kl=0.0, n_steps=100)   # error -1, clipped to -0.2
+    assert c.value == pytest.approx(after_two * (1 - 0.2 * 100 / 10000))
+    # checkpoints restore it exactly
+    d = ppo.AdaptiveKLController(1.0, target=1.0, horizon=1)
+    d.load_state_dict(c.state_dict())
+    assert (d.value, d.target, d.horizon) == (c.value, 6.0, 10000)
+
+
+def test_fixed_kl_controller():
+    c = ppo.FixedKLController(0.05)
+    c.update(current_kl=100.0, n_steps=1000)
+    assert c.value == 0.05
+    d = ppo.FixedKLController(1.0)
+    d.load_state_dict(c.state_dict())
+    assert d.value == 0.05
+
+
+def test_policy_loss_by_hand():
+    ratios = torch.tensor([[1.5, 0.5, 1.1], [1.5, 7.0, 7.0]])
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -3.0, -3.0]])
+    new = old + ratios.log()
+    adv = torch.tensor([[2.0, -1.0, 3.0], [-1.0, 99.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, clipfrac, approx_kl = ppo.policy_loss(new, old, adv, mask, clip_range=0.2)
+    # per token: max(-A * r, -A * clip(r, 0.8, 1.2))
+    t = [max(-2.0 * 1.5, -2.0 * 1.2),      # -2.4 (clipped)
+         max(1.0 * 0.5, 1.0 * 0.8),        # 0.8 (clipped)
+         max(-3.0 * 1.1, -3.0 * 1.1),      # -3.3
+         max(1.0 * 1.5, 1.0 * 1.2)]        # 1.5: ratio outside the range, but the pessimistic side is unclipped
+    assert close(loss, sum(t) / 4)
+    assert close(clipfrac, 2 / 4)
+    kl = [(1.5 - 1) - math.log(1.5), (0.5 - 1) - math.log(0.5), (1.1 - 1) - math.log(1.1), (1.5 - 1) - math.log(1.5)]
+    assert close(approx_kl, sum(kl) / 4)
+
+
+def test_policy_loss_gradient_vanishes_when_clipped():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[1.5, 1.1]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0]])
+    loss, _, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 2), clip_range=0.2)
+    loss.backward()
+    # token 0 is past 1 + eps with positive advantage: no push further; token 1: d/dlogp (-r * A / 2) = -1.1 / 2
+    assert close(new.grad, [[0.0, -1.1 / 2]])
+
+
+def test_value_loss_by_hand():
+    values = torch.tensor([[1.0, 2.0, 0.5, 9.0]])
+    old = torch.tensor([[0.5, 2.1, 0.5, 0.0]])
+    returns = torch.tensor([[2.0, 1.0, 0.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    loss, clipfrac = ppo.value_loss(values, old, returns, mask, clip_range_value=0.2)
+    # token 0: V_clip = 0.5 + 0.2 = 0.7; max((1-2)^2, (0.7-2)^2) = 1.69
+    # token 1: V - V_old = -0.1, inside: (2-1)^2 = 1;  token 2: 0.5^2 = 0.25
+    assert close(loss, 0.5 * (1.69 + 1.0 + 0.25) / 3)
+    assert close(clipfrac, 1 / 3)
+
+
+def test_logprobs_and_entropy_from_logits():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
+    labels = torch.tensor([[2, 0]])
+    z = math.exp(1) + math.exp(2) + math.exp(3)
+    assert close(ppo.logprobs_from_logits(logits, labels), [[3.0 - math.log(z), -math.log(3)]])
+    p = [math.exp(1) / z, math.exp(2) / z, math.exp(3) / z]
+    h = -sum(pi * math.log(pi) for pi in p)
+    assert close(ppo.entropy_from_logits(logits), [[h, math.log(3)]])
+
+
+def test_padding_contributes_nothing():
+    """Whatever sits in padded positions, no output on real tokens (or scalar) changes."""
+    B, T = 3, 5
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
+
+    def tensors(garbage: float):
+        torch.manual_seed(1)
+        base = {k: torch.randn(B, T) for k in
+                ["rewards", "values", "old_values", "returns", "logp", "old_logp", "ref_logp", "adv"]}
+        return {k: torch.where(mask.bool(), v, torch.full_like(v, garbage)) for k, v in base.items()}
+
+    outs = []
+    for garbage in (0.0, 1e3, float("inf"), float("nan")):
+        t = tensors(garbage)
+        adv, ret = ppo.gae(t["rewards"], t["values"], mask, 0.99, 0.95)
+        rewards, kl, _ = ppo.shape_rewards(torch.tensor([1.0, -1.0, 0.5]), t["logp"], t["ref_logp"], mask, 0.1)
+        outs.append([
+            adv, ret, rewards, kl,
+            ppo.masked_whiten(t["adv"], mask),
+            *ppo.policy_loss(t["logp"], t["old_logp"], t["adv"], mask),
+            *ppo.value_loss(t["values"], t["old_values"], t["returns"], mask),
+        ])
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert a.isfinite().all() and b.isfinite().all()
+            assert torch.allclose(a, b, atol=1e-5)
+    for x in outs[-1][:5]:  # per-token outputs are exactly 0 on padding
+        assert (x[mask == 0] == 0).all()
