@@ -21,12 +21,19 @@ import urllib.request
 
 
 def handling_seconds(metrics_port: int) -> dict[str, float]:
+    """Seconds spent inside the server per gRPC method, plus the reward service's forward
+    passes ("forward": their seconds, "batches": their count)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
+        value = float(line.rsplit(" ", 1)[-1]) if line and not line.startswith("#") else 0.0
         if line.startswith("grpc_server_handling_seconds_sum{"):
             method = line.split('grpc_method="')[1].split('"')[0]
-            out[method] = out.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
+            out[method] = out.get(method, 0.0) + value
+        elif line.startswith("rlhf_reward_inference_seconds_sum"):
+            out["forward"] = value
+        elif line.startswith("rlhf_reward_inference_seconds_count"):
+            out["batches"] = value
     return out
 
 
@@ -99,6 +106,8 @@ def main() -> int:
     }
     share = sum(rpc.values()) / step_total
     rows = [(f"{p} (s/step)", phases[p] / len(history)) for p in phases]
+    rows += [("  of score: reward model forward passes (s/step)", inside.get("reward.forward", 0.0) / len(history)),
+             ("  of score: forward passes per step", inside.get("reward.batches", 0.0) / len(history))]
     rows += [("step total (s/step)", step_total / len(history))]
     rows += [(f"RPC+serialization in {k} (s/step)", v / len(history)) for k, v in rpc.items()]
     rows += [("RPC+serialization share of a step", share), ("target share", 0.10)]

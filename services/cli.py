@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-n", type=int, default=64, help="limit of SamplingParams.n")
     p.add_argument("--max-prompts", type=int, default=1024, help="limit of prompts per Generate")
     p.add_argument("--max-push-bytes", type=int, default=64 << 30, help="limit of one UpdateWeights")
+    p.add_argument("--staging-dir", default=None,
+                   help="where weight pushes are written as they arrive and kept while current; needs room for "
+                        "two full pushes (default: the temp dir; /dev/shm is faster but holds them in RAM)")
     add_server_args(p, port=50051, metrics_port=9101)
 
     p = _command(serve, "reward", "services.reward.main:main", "serve RewardService")

@@ -15,8 +15,6 @@ import logging
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -53,6 +51,33 @@ def _on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+# vLLM's worker busy-polls its shared-memory queue (sched_yield) for a second after each
+# step before it sleeps (SpinCondition.busy_loop_s in vllm's shm_broadcast). On a CPU node
+# that second takes a core from whatever runs next: right after a Generate, a reward-model
+# forward on the same 2-core machine ran ~25x slower. On CPU the engine sets this variable
+# for its worker process, where importing WeightLoader's module applies it (see the end of
+# this file); 10 ms still covers the gap between two decode steps.
+WORKER_SPIN_ENV = "RLHF_VLLM_WORKER_SPIN_S"
+CPU_WORKER_SPIN_S = 0.01
+
+
+def _limit_worker_spin() -> None:
+    limit = os.environ.get(WORKER_SPIN_ENV)
+    if limit is None:
+        return
+    try:
+        from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+    except ImportError:  # a vLLM without it: nothing to limit
+        return
+    wait = SpinCondition.wait
+
+    def limited_wait(self, timeout_ms=None):
+        self.busy_loop_s = min(self.busy_loop_s, float(limit))
+        return wait(self, timeout_ms)
+
+    SpinCondition.wait = limited_wait
+
+
 @dataclasses.dataclass
 class EngineConfig:
     model: str
@@ -68,10 +93,11 @@ class EngineConfig:
     max_n: int = 64
     max_prompts: int = 1024
     max_push_bytes: int = 64 << 30
-    # Where pushed bytes land while they arrive: RAM (/dev/shm) when there is one, for speed.
-    staging_dir: str | None = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    # Where an applied push is kept (a later partial push reloads the rest from it): disk.
-    retain_dir: str | None = None
+    # Where a push is written as it arrives, and kept while it holds the latest bytes of a
+    # tensor (a later partial push reloads the rest of a layer from it). None: the temp dir.
+    # On disk the kernel keeps what fits in the page cache and can drop it; /dev/shm writes
+    # a little faster but pins every byte in RAM.
+    staging_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -191,13 +217,14 @@ class PolicyEngine:
         self._open = asyncio.Event()
         self._open.set()
         self._apply_lock = asyncio.Lock()
-        self._retaining: asyncio.Future | None = None
         self._request_counter = 0
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.cfg.kv_cache_gib))))
+        if _on_cpu():
+            os.environ.setdefault(WORKER_SPIN_ENV, str(CPU_WORKER_SPIN_S))
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -227,8 +254,6 @@ class PolicyEngine:
                  self.max_model_len, len(self.served))
 
     async def stop(self) -> None:
-        if self._retaining is not None:
-            await self._retaining
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
@@ -408,10 +433,10 @@ class PolicyEngine:
 
     # ---- weights ---------------------------------------------------------------------
 
-    def begin_push(self, version: int, tensors: list[TensorSpec], full: bool) -> WeightStage:
+    def begin_push(self, version: int, tensors: list[TensorSpec], full: bool, digest: str = "xxh3_128") -> WeightStage:
         self._require_started()
         return WeightStage(version, tensors, full, served=self.served, current_version=self.version,
-                           max_bytes=self.cfg.max_push_bytes, directory=self.cfg.staging_dir)
+                           max_bytes=self.cfg.max_push_bytes, directory=self.cfg.staging_dir, digest=digest)
 
     async def apply(self, staged: StagedWeights) -> UpdateResult:
         """Swap in verified weights: drain generation, reload, reset caches, bump the version."""
@@ -419,8 +444,6 @@ class PolicyEngine:
             if staged.version <= self.version:  # another push got in first
                 raise FailedPrecondition(f"header.version must be greater than the served version {self.version}, "
                                          f"got {staged.version}")
-            if self._retaining is not None:  # the previous push's bytes are still moving to disk
-                await self._retaining
             t0 = time.perf_counter()
             self._open.clear()
             try:
@@ -443,22 +466,11 @@ class PolicyEngine:
             finally:
                 self._open.set()
             apply_seconds = time.perf_counter() - t0
-            self._retaining = asyncio.ensure_future(self._retain(staged.path))
             WEIGHT_VERSION.set(self.version)
             UPDATE_BYTES.inc(staged.nbytes)
             log.info("weights v%d -> v%d: %d tensors, %.1f MB, applied in %.2f s", previous, self.version,
                      len(staged.sources), staged.nbytes / 1e6, apply_seconds)
             return UpdateResult(self.version, previous, staged.nbytes, len(staged.sources), apply_seconds)
-
-    async def _retain(self, path: str) -> None:
-        """Move an applied push out of RAM to disk, off the event loop (generation runs on)."""
-        retain_dir = self.cfg.retain_dir or tempfile.gettempdir()
-        if pathlib.Path(path).parent == pathlib.Path(retain_dir) or \
-                not any(s.path == path for s in self._sources.values()):
-            return
-        new_path = await asyncio.to_thread(shutil.move, path, os.path.join(retain_dir, os.path.basename(path)))
-        self._sources = {k: dataclasses.replace(s, path=new_path) if s.path == path else s
-                         for k, s in self._sources.items()}
 
     def info(self) -> dict:
         self._require_started()
@@ -474,3 +486,6 @@ def _sampled_logprobs(c) -> list[float]:
     if not c.logprobs:
         return []
     return [float(pos[t].logprob) for t, pos in zip(c.token_ids, c.logprobs)]
+
+
+_limit_worker_spin()  # in vLLM's worker process, which imports this module for WeightLoader

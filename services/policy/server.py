@@ -15,7 +15,7 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
 from services.policy import engine as core
 from services.policy.engine import REQUESTS, UPDATE_SECONDS, UPDATES, PolicyEngine, Sampling
-from services.policy.client import DTYPE_ENUM, DTYPE_NAME  # the wire dtypes, one table for both ends
+from services.policy.client import DIGEST_NAME, DTYPE_ENUM, DTYPE_NAME  # wire enums, one table for both ends
 from services.policy.weights import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,13 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     h = msg.header
                     specs = [TensorSpec(t.name, DTYPE_NAME.get(t.dtype, f"DType value {t.dtype}"),
                                         tuple(t.shape), t.nbytes) for t in h.tensors]
-                    stage = self.engine.begin_push(h.version, specs, h.full)
+                    digest = DIGEST_NAME.get(h.digest, f"Digest value {h.digest}")
+                    stage = self.engine.begin_push(h.version, specs, h.full, digest)
                 elif kind == "chunk":
-                    # Off the event loop: hashing and writing 4 MiB must not stall generation.
+                    # Off the event loop: writing a chunk must not stall generation.
                     await asyncio.to_thread(stage.write, msg.chunk.offset, msg.chunk.data)
                 elif kind == "commit":
-                    staged = await asyncio.to_thread(stage.commit, msg.commit.sha256)
+                    staged = await asyncio.to_thread(stage.commit, msg.commit.digest)
                     break
                 else:
                     raise InvalidArgument(f"UpdateWeights got a second header or an empty message ({kind}) "

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from services.common.config import ClientConfig, ServerConfig
+from services.common.malloc import reuse_large_buffers
 from services.common.text import format_prompt
 from services.trainer import checkpoint, metrics
 from services.trainer.config import Config, ConfigError, load, to_dict
@@ -42,6 +43,7 @@ def main(args) -> int:
     except ConfigError as e:
         print(f"rlhf train ppo: {e}", file=sys.stderr)
         return 2
+    reuse_large_buffers()  # every step pushes the weights as a stream of 1 MiB buffers
     history = train(config, ClientConfig.from_args(args), ServerConfig.from_args(args), resume=args.resume)
     if not history or history[-1]["step"] < config.steps:
         return 128 + signal.SIGTERM  # stopped early (eviction, drain): not a success, resume later

@@ -11,7 +11,6 @@ Tests run in file order and move the served versions forward.
 """
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
@@ -21,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+import xxhash
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.config import ClientConfig
@@ -197,13 +197,14 @@ def test_generate_fields_and_stream(servers, fresh):
 
 # ---- exactness ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch,base,ref", [("llama", "llama_base", "llama_w"), ("qwen2", "qwen_base", "qwen_w")])
-def test_push_equals_fresh_server(servers, models, fresh, arch, base, ref):
+@pytest.mark.parametrize("arch,base,ref,digest", [("llama", "llama_base", "llama_w", "xxh3_128"),
+                                                  ("qwen2", "qwen_base", "qwen_w", "sha256")])
+def test_push_equals_fresh_server(servers, models, fresh, arch, base, ref, digest):
     with client(servers, base) as c:
         assert fresh[base] != fresh[ref]  # W really differs from the base
         version = c.model_info().weight_version + 1
         # a trainer's state_dict, tied lm_head alias included; the client converts to the served dtype
-        reply = c.push_weights(models[arch]["w_state"], version, chunk_bytes=64 << 10)
+        reply = c.push_weights(models[arch]["w_state"], version, chunk_bytes=64 << 10, digest=digest)
         assert reply.version == version and reply.previous_version == version - 1 and reply.tensors > 0
         outputs, versions = greedy(c)
         assert versions == {version}
@@ -269,7 +270,7 @@ def test_bad_pushes_change_nothing(servers, models):
             h.tensors[0].nbytes += 2
 
         bad_sha = list(good)
-        bad_sha[-1] = policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(sha256=hashlib.sha256(b"x").digest()))
+        bad_sha[-1] = policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(digest=xxhash.xxh3_128(b"x").digest()))
         gap = [good[0], good[1], policy_pb2.UpdateWeightsRequest(chunk=policy_pb2.WeightsChunk(
             offset=good[2].chunk.offset + 1, data=good[2].chunk.data))] + good[3:]
         cases = {
@@ -278,7 +279,7 @@ def test_bad_pushes_change_nothing(servers, models):
             "unknown tensor": (_with_header(good, t=unknown), grpc.StatusCode.FAILED_PRECONDITION, "not a parameter"),
             "missing tensor": (_with_header(good, t=missing), grpc.StatusCode.FAILED_PRECONDITION, "misses 1"),
             "nbytes": (_with_header(good, t=bad_nbytes), grpc.StatusCode.INVALID_ARGUMENT, "nbytes"),
-            "bad checksum": (bad_sha, grpc.StatusCode.INVALID_ARGUMENT, "sha256"),
+            "bad checksum": (bad_sha, grpc.StatusCode.INVALID_ARGUMENT, "does not match the xxh3_128"),
             "bad offsets": (gap, grpc.StatusCode.INVALID_ARGUMENT, "offset"),
             "no commit": (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "no commit"),
             "chunk first": (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "header"),
@@ -445,6 +446,27 @@ def test_metrics(servers):
     assert value(r'rlhf_policy_weight_updates_total\{result="failed_precondition"\}') >= 1
     assert value("rlhf_policy_weight_update_bytes_total") > 0
     assert value("rlhf_policy_weight_update_seconds_count") >= 2
+
+
+def test_idle_server_gives_the_cpu_back(servers):
+    """Right after a Generate the server's processes go quiet. vLLM's worker would spin for
+    a second (busy-polling its queue), taking a core from the reward service and the
+    trainer on a shared CPU node: that made every PPO score phase ~20x slower."""
+    import psutil
+
+    root = psutil.Process(servers["qwen_base"].pid)
+    tree = [root, *root.children(recursive=True)]
+
+    def cpu_seconds() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in tree)
+
+    with client(servers, "qwen_base") as c:
+        c.generate(PROMPTS, **GREEDY)
+        time.sleep(0.1)
+        before = cpu_seconds()
+        time.sleep(1.0)
+        used = cpu_seconds() - before
+    assert used < 0.3, f"the idle server used {used:.2f} CPU-seconds in the second after a Generate"
 
 
 def test_async_client(servers, models, fresh):

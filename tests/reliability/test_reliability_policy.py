@@ -13,6 +13,7 @@ import types
 
 import grpc
 import pytest
+import xxhash
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -328,7 +329,7 @@ def update_case(draw, info):
         policy_pb2.TensorSpec(name=spec.name, dtype=spec.dtype, shape=list(spec.shape), nbytes=spec.nbytes)])
     cut = draw(st.integers(1, max(1, len(data) - 1)))
     chunks = [policy_pb2.WeightsChunk(offset=0, data=data[:cut]), policy_pb2.WeightsChunk(offset=cut, data=data[cut:])]
-    sha = hashlib.sha256(data).digest()
+    digest = xxhash.xxh3_128(data).digest()
     fault = draw(st.sampled_from(sorted(UPDATE_FAULTS)))
     t = header.tensors[0]
     code = UPDATE_FAULTS[fault]
@@ -362,13 +363,17 @@ def update_case(draw, info):
         chunks.append(policy_pb2.WeightsChunk(offset=len(data), data=draw(st.binary(min_size=1, max_size=64))))
     elif fault == "missing chunk":
         chunks.pop()
-    elif fault == "sha wrong length":
-        sha = draw(st.binary(max_size=64).filter(lambda b: len(b) != 32))
-    elif fault == "sha mismatch":
-        sha = draw(st.binary(min_size=32, max_size=32).filter(lambda b: b != sha))
+    elif fault == "digest wrong length":
+        digest = draw(st.binary(max_size=64).filter(lambda b: len(b) != 16))
+    elif fault == "digest mismatch":
+        digest = draw(st.binary(min_size=16, max_size=16).filter(lambda b: b != digest))
+    elif fault == "bad digest enum":
+        header.digest = draw(st.integers(3, 2**31 - 1))
+    elif fault == "sha256 digest sent for xxh3":
+        digest = hashlib.sha256(data).digest()
     msgs = [policy_pb2.UpdateWeightsRequest(header=header),
             *(policy_pb2.UpdateWeightsRequest(chunk=c) for c in chunks),
-            policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(sha256=sha))]
+            policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(digest=digest))]
     if fault == "chunk first":
         msgs = msgs[1:]
     elif fault == "commit first":
@@ -390,7 +395,7 @@ UPDATE_FAULTS = {
     "version not above served": FP, "no tensors": IA, "duplicate name": IA, "unknown name": FP,
     "bad dtype enum": IA, "not the served dtype": FP, "negative dim": IA, "wrong shape": FP, "huge shape": IA,
     "wrong nbytes": IA, "full with one tensor": FP, "offset gap": IA, "overrun": IA, "missing chunk": IA,
-    "sha wrong length": IA, "sha mismatch": IA, "chunk first": IA, "commit first": IA,
+    "digest wrong length": IA, "digest mismatch": IA, "bad digest enum": IA, "sha256 digest sent for xxh3": IA, "chunk first": IA, "commit first": IA,
     "empty message first": IA, "empty message inside": IA, "second header": IA, "no commit": IA,
     "empty stream": IA,
 }
@@ -526,7 +531,7 @@ def test_interrupted_weight_pushes(policy, request):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
             msgs[k].chunk.data = bytes(data)
         elif kind == "wrong checksum":
-            msgs[-1].commit.sha256 = bytes(rng.randrange(256) for _ in range(32))
+            msgs[-1].commit.digest = bytes(rng.randrange(256) for _ in range(16))
         elif kind == "dropped chunk":
             del msgs[k]
         elif kind == "duplicated chunk":

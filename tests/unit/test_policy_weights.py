@@ -11,6 +11,7 @@ import struct
 
 import numpy as np
 import pytest
+import xxhash
 
 from rlhf.v1 import policy_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -40,7 +41,7 @@ def test_complete_push_stages_every_byte(tmp_path):
     data = payload(SERVED.values())
     for off in range(0, len(data), 100):
         s.write(off, data[off:off + 100])
-    staged = s.commit(hashlib.sha256(data).digest())
+    staged = s.commit(xxhash.xxh3_128(data).digest())
     assert pathlib.Path(staged.path).read_bytes() == data
     assert [(x.name, x.offset) for x in staged.sources] == [("embed.weight", 0), ("norm.weight", 160),
                                                              ("lm_head.weight", 176)]
@@ -71,7 +72,7 @@ def test_partial_push_of_named_tensors(tmp_path):
     s = stage([SERVED["norm.weight"]], full=False, tmp_path=tmp_path)
     data = payload([SERVED["norm.weight"]])
     s.write(0, data)
-    assert [x.name for x in s.commit(hashlib.sha256(data).digest()).sources] == ["norm.weight"]
+    assert [x.name for x in s.commit(xxhash.xxh3_128(data).digest()).sources] == ["norm.weight"]
 
 
 def test_chunk_offsets_and_sizes(tmp_path):
@@ -86,7 +87,7 @@ def test_chunk_offsets_and_sizes(tmp_path):
         s.write(50, data[50:] + b"xx")
     s.write(50, data[50:300])
     with pytest.raises(InvalidArgument, match="commit after 300 of the 336 bytes"):
-        s.commit(hashlib.sha256(data).digest())
+        s.commit(xxhash.xxh3_128(data).digest())
     s.discard()
     assert not list(tmp_path.iterdir())
 
@@ -95,13 +96,30 @@ def test_checksum(tmp_path):
     data = payload(SERVED.values())
     s = stage(tmp_path=tmp_path)
     s.write(0, data)
-    with pytest.raises(InvalidArgument, match="32 bytes"):
+    with pytest.raises(InvalidArgument, match="must be 16 bytes for xxh3_128, got 5"):
         s.commit(b"short")
     corrupt = bytearray(data)
     corrupt[7] ^= 1
     with pytest.raises(InvalidArgument, match="does not match"):
-        s.commit(hashlib.sha256(corrupt).digest())
+        s.commit(xxhash.xxh3_128(corrupt).digest())
     s.discard()
+    assert not list(tmp_path.iterdir())
+
+
+def test_sha256_digest_on_request(tmp_path):
+    data = payload(SERVED.values())
+    s = WeightStage(1, list(SERVED.values()), True, served=SERVED, current_version=0, max_bytes=1 << 20,
+                    directory=str(tmp_path), digest="sha256")
+    s.write(0, data)
+    with pytest.raises(InvalidArgument, match="must be 32 bytes for sha256, got 16"):
+        s.commit(xxhash.xxh3_128(data).digest())
+    assert pathlib.Path(s.commit(hashlib.sha256(data).digest()).path).read_bytes() == data
+
+
+def test_unknown_digest_is_refused_before_staging(tmp_path):
+    with pytest.raises(InvalidArgument, match="header.digest must be one of"):
+        WeightStage(1, list(SERVED.values()), True, served=SERVED, current_version=0, max_bytes=1 << 20,
+                    directory=str(tmp_path), digest="Digest value 7")
     assert not list(tmp_path.iterdir())
 
 
@@ -148,7 +166,7 @@ def test_client_messages_pass_the_stage(tmp_path):
                     served=bf16, current_version=0, max_bytes=1 << 20, directory=str(tmp_path))
     for m in msgs[1:-1]:
         s.write(m.chunk.offset, m.chunk.data)
-    staged = s.commit(msgs[-1].commit.sha256)
+    staged = s.commit(msgs[-1].commit.digest)
     want = b"".join(state[k].to(torch.bfloat16).view(torch.int16).numpy().tobytes() for k in served)
     assert pathlib.Path(staged.path).read_bytes() == want
 
