@@ -845,8 +845,9 @@ def test_every_rpc_needs_the_token(policy, request):
 
 # ---- 4. shutdown under load (last: it stops the module's server) ------------------------------
 
-@pytest.mark.xfail(strict=False, reason="known open: under continuous load a few calls that arrive while grpc's "
-                   "server.stop() runs end CANCELLED instead of UNAVAILABLE (docs/reliability.md, issue 8 stays open)")
+@pytest.mark.xfail(strict=False, reason="grpc core cancels calls it received but had not dispatched when "
+                   "server.stop() runs: a few end CANCELLED instead of UNAVAILABLE under continuous load "
+                   "(upstream grpc/grpc#41785, fix in grpc/grpc#41786; docs/reliability.md)")
 def test_sigterm_under_load_drains(policy, request):
     from shutdown_check import sigterm_under_load
 

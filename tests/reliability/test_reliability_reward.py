@@ -461,8 +461,9 @@ def test_overload_is_fast_resource_exhausted(limited, request):
 
 # ---- 4. shutdown under load ------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="known open: under continuous load a few calls that arrive while grpc's "
-                   "server.stop() runs end CANCELLED instead of UNAVAILABLE (docs/reliability.md, issue 8 stays open)")
+@pytest.mark.xfail(strict=False, reason="grpc core cancels calls it received but had not dispatched when "
+                   "server.stop() runs: a few end CANCELLED instead of UNAVAILABLE under continuous load "
+                   "(upstream grpc/grpc#41785, fix in grpc/grpc#41786; docs/reliability.md)")
 def test_sigterm_under_load_drains(tiny_reward_dir, reliability_logs, request):
     from shutdown_check import sigterm_under_load
 
