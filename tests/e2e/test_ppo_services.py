@@ -61,12 +61,13 @@ def stack(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
             s.terminate()
 
 
-def write_config(path: pathlib.Path, stack: dict, out: pathlib.Path, steps: int, **extra) -> pathlib.Path:
+def write_config(path: pathlib.Path, stack: dict, out: pathlib.Path, steps: int, deadline_s: float = 240,
+                 **extra) -> pathlib.Path:
     config = dict(policy_addresses=[r.address for r in stack["replicas"]], reward_address=stack["reward"].address,
                   sft_model=str(stack["policy_dir"]), reward_model=str(stack["reward_dir"]),
                   prompts=str(stack["prompts"]), out=str(out), steps=steps, seed=0,
                   rollout=dict(batch_size=16, max_tokens=16), ppo=dict(epochs=1, minibatch_size=8, lr=1e-4),
-                  services=dict(dependency_deadline_s=240, retry_max_s=2.0), **extra)
+                  services=dict(dependency_deadline_s=deadline_s, retry_max_s=2.0), **extra)
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -187,3 +188,45 @@ def test_trainer_killed_and_resumed_continues_at_the_saved_step(stack, tmp_path)
         assert m["prompts_sha"] == expected[m["step"]], m["step"]
     # Versions only go up across the restart: the resumed trainer continues above what replicas serve.
     assert after[0]["weight_version"] > max(m["pushed_version"] for m in before)
+
+
+def test_reward_outage_delays_the_run_and_one_past_the_deadline_stops_it_with_a_checkpoint(stack, tmp_path):
+    port = free_port()  # a reward service of its own: the other tests keep theirs
+
+    def reward_server() -> ChildServer:
+        return ChildServer(rlhf_command("serve", "reward", "--model", str(stack["reward_dir"]), "--host", "127.0.0.1",
+                                        "--port", str(port), "--metrics-port", "0"),
+                           port=port, service="rlhf.v1.RewardService", env=ENV, log_path=tmp_path / "reward.log")
+
+    reward = reward_server().start()
+    reward.wait_ready()
+    out, log = tmp_path / "run", tmp_path / "trainer.log"
+    deadline_s = 20
+    config = write_config(tmp_path / "ppo.yaml", {**stack, "reward": reward}, out, steps=200, deadline_s=deadline_s)
+    proc, _ = start_trainer(config, log)
+    try:
+        wait_for(lambda: len(read_metrics(out)) >= 2, 300, proc, "two PPO steps")
+        # A short outage: the step waits (backoff with jitter), the run goes on afterwards.
+        reward.kill()
+        time.sleep(6)
+        stalled_at = len(read_metrics(out))
+        reward = reward_server().start()
+        reward.wait_ready()
+        wait_for(lambda: len(read_metrics(out)) >= stalled_at + 2, 300, proc, "steps after the reward service came back")
+        assert "reward service: UNAVAILABLE, retrying" in log.read_text()
+        # An outage past the deadline: the run stops with a checkpoint and says how to go on.
+        reward.kill()
+        killed = time.monotonic()
+        code = proc.wait(timeout=deadline_s + 120)
+        took = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reward.terminate()
+    text = log.read_text()
+    assert code != 0 and deadline_s <= took < deadline_s + 120, (code, took, text[-2000:])
+    stopped = text[text.index("PPO stopped at step"):]
+    step = int(stopped.split()[4].rstrip(":"))
+    assert "reward service unavailable for" in stopped and "Resume with --resume" in stopped, stopped[:300]
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step-{step:06d}"
+    assert [m["step"] for m in read_metrics(out)] == list(range(1, step + 1))
