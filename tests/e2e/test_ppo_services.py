@@ -37,16 +37,20 @@ def policy_server(model_dir, log_dir: pathlib.Path, port: int | None = None) -> 
     return server
 
 
+def reward_server(model_dir, log_path: pathlib.Path, port: int | None = None) -> ChildServer:
+    port = port or free_port()
+    return ChildServer(rlhf_command("serve", "reward", "--model", str(model_dir), "--host", "127.0.0.1",
+                                    "--port", str(port), "--metrics-port", "0"),
+                       port=port, service="rlhf.v1.RewardService", env=ENV, log_path=log_path)
+
+
 @pytest.fixture(scope="module")
 def stack(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
     """A reward service and two policy replicas, shared by the tests of this module."""
     from services.demo.data import write_demo_data
     logs = tmp_path_factory.mktemp("logs")
     data = write_demo_data(tmp_path_factory.mktemp("data"), seed=0, num_sft=30, num_prefs=30, num_prompts=200)
-    port = free_port()
-    reward = ChildServer(rlhf_command("serve", "reward", "--model", str(tiny_reward_dir), "--host", "127.0.0.1",
-                                      "--port", str(port), "--metrics-port", "0"),
-                         port=port, service="rlhf.v1.RewardService", env=ENV, log_path=logs / "reward.log")
+    reward = reward_server(tiny_reward_dir, logs / "reward.log")
     replicas = [policy_server(tiny_policy_dir, logs), policy_server(tiny_policy_dir, logs)]
     servers = [reward, *replicas]
     try:
@@ -192,13 +196,7 @@ def test_trainer_killed_and_resumed_continues_at_the_saved_step(stack, tmp_path)
 
 def test_reward_outage_delays_the_run_and_one_past_the_deadline_stops_it_with_a_checkpoint(stack, tmp_path):
     port = free_port()  # a reward service of its own: the other tests keep theirs
-
-    def reward_server() -> ChildServer:
-        return ChildServer(rlhf_command("serve", "reward", "--model", str(stack["reward_dir"]), "--host", "127.0.0.1",
-                                        "--port", str(port), "--metrics-port", "0"),
-                           port=port, service="rlhf.v1.RewardService", env=ENV, log_path=tmp_path / "reward.log")
-
-    reward = reward_server().start()
+    reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
     reward.wait_ready()
     out, log = tmp_path / "run", tmp_path / "trainer.log"
     deadline_s = 20
@@ -210,7 +208,7 @@ def test_reward_outage_delays_the_run_and_one_past_the_deadline_stops_it_with_a_
         reward.kill()
         time.sleep(6)
         stalled_at = len(read_metrics(out))
-        reward = reward_server().start()
+        reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
         reward.wait_ready()
         wait_for(lambda: len(read_metrics(out)) >= stalled_at + 2, 300, proc, "steps after the reward service came back")
         assert "reward service: UNAVAILABLE, retrying" in log.read_text()
