@@ -21,8 +21,12 @@ from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
 from services.policy.weights import DIGESTS
+from services.policy.wire import encode_chunk
 
 SERVICE = "rlhf.v1.PolicyService"
+# UpdateWeights with the requests passed through as serialized by weight_messages.
+UPDATE_WEIGHTS = dict(method=f"/{SERVICE}/UpdateWeights", request_serializer=None,
+                      response_deserializer=policy_pb2.UpdateWeightsResponse.FromString)
 RETRY_METHODS = ((SERVICE, "Generate"), (SERVICE, "GetModelInfo"))
 DTYPE_NAME = {
     policy_pb2.DTYPE_FLOAT32: "float32",
@@ -127,9 +131,11 @@ def plan_push(named_tensors, info: policy_pb2.PolicyModelInfo) -> list[tuple[str
 
 
 def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int,
-                    digest: str = "xxh3_128") -> Iterator[policy_pb2.UpdateWeightsRequest]:
-    """Header, chunks, commit. One converted tensor alive at a time; small tensors are
-    packed together so a layer norm does not cost a message of its own."""
+                    digest: str = "xxh3_128") -> Iterator[bytes]:
+    """The serialized UpdateWeightsRequest messages of a push: header, chunks, commit.
+    One converted tensor alive at a time; small tensors are packed together so a layer
+    norm does not cost a message of its own. Chunks are encoded by services.policy.wire
+    (one copy of the payload); `UpdateWeightsRequest.FromString` reads any of them."""
     size = DTYPE_SIZE[dtype]
     specs = []
     for name, _, shape in plan:
@@ -137,19 +143,16 @@ def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int
         for d in shape:
             n *= d
         specs.append(policy_pb2.TensorSpec(name=name, dtype=DTYPE_ENUM[dtype], shape=shape, nbytes=n * size))
-    yield policy_pb2.UpdateWeightsRequest(header=policy_pb2.WeightsHeader(version=version, tensors=specs, full=full,
-                                                                          digest=DIGEST_ENUM[digest]))
+    header = policy_pb2.WeightsHeader(version=version, tensors=specs, full=full, digest=DIGEST_ENUM[digest])
+    yield policy_pb2.UpdateWeightsRequest(header=header).SerializeToString()
     checksum = DIGESTS[digest]()
     offset = 0
     pending = bytearray()
 
-    def chunk(data) -> policy_pb2.UpdateWeightsRequest:
+    def chunk(data) -> bytes:
         nonlocal offset
         checksum.update(data)
-        # Set the fields in place: a nested constructor copies the whole message again.
-        msg = policy_pb2.UpdateWeightsRequest()
-        msg.chunk.offset = offset
-        msg.chunk.data = bytes(data)
+        msg = encode_chunk(offset, data)
         offset += len(data)
         return msg
 
@@ -170,7 +173,7 @@ def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int
         del view
     if pending:
         yield chunk(pending)
-    yield policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(digest=checksum.digest()))
+    yield policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(digest=checksum.digest())).SerializeToString()
 
 
 DTYPE_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -186,6 +189,7 @@ class PolicyClient:
     def __init__(self, target: str, config: ClientConfig | None = None, *, timeout: float | None = None):
         self.channel = create_channel(target, config, retry_methods=RETRY_METHODS)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self._update_weights = self.channel.stream_unary(**UPDATE_WEIGHTS)
         self.timeout = timeout
 
     def close(self) -> None:
@@ -219,14 +223,15 @@ class PolicyClient:
         """Stream a state_dict (or (name, tensor) pairs) as weight version `version`."""
         info = self.model_info()
         plan = plan_push(named_tensors, info)
-        return self.stub.UpdateWeights(weight_messages(plan, version, full, info.dtype, chunk_bytes, digest),
-                                       timeout=timeout or self.timeout)
+        return self._update_weights(weight_messages(plan, version, full, info.dtype, chunk_bytes, digest),
+                                    timeout=timeout or self.timeout)
 
 
 class AsyncPolicyClient:
     def __init__(self, target: str, config: ClientConfig | None = None, *, timeout: float | None = None):
         self.channel = create_channel(target, config, aio=True, retry_methods=RETRY_METHODS)
         self.stub = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self._update_weights = self.channel.stream_unary(**UPDATE_WEIGHTS)
         self.timeout = timeout
 
     async def close(self) -> None:
@@ -266,4 +271,4 @@ class AsyncPolicyClient:
             for msg in weight_messages(plan, version, full, info.dtype, chunk_bytes, digest):
                 yield msg
 
-        return await self.stub.UpdateWeights(messages(), timeout=timeout or self.timeout)
+        return await self._update_weights(messages(), timeout=timeout or self.timeout)

@@ -218,6 +218,8 @@ class PolicyEngine:
         self._open.set()
         self._apply_lock = asyncio.Lock()
         self._request_counter = 0
+        # A staging file no longer in use, for the next push to overwrite (see WeightStage).
+        self._spare: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -257,7 +259,7 @@ class PolicyEngine:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
-        for path in {s.path for s in self._sources.values() if s.kind == "raw"}:
+        for path in {s.path for s in self._sources.values() if s.kind == "raw"} | {self._spare} - {None}:
             pathlib.Path(path).unlink(missing_ok=True)
 
     def _require_started(self):
@@ -435,11 +437,33 @@ class PolicyEngine:
 
     def begin_push(self, version: int, tensors: list[TensorSpec], full: bool, digest: str = "xxh3_128") -> WeightStage:
         self._require_started()
-        return WeightStage(version, tensors, full, served=self.served, current_version=self.version,
-                           max_bytes=self.cfg.max_push_bytes, directory=self.cfg.staging_dir, digest=digest)
+        stage = WeightStage(version, tensors, full, served=self.served, current_version=self.version,
+                            max_bytes=self.cfg.max_push_bytes, directory=self.cfg.staging_dir, digest=digest,
+                            reuse=self._spare)
+        self._spare = None
+        return stage
+
+    def abandon_push(self, stage: WeightStage) -> None:
+        """A push that ended before its commit verified: its file becomes the spare."""
+        stage.close()
+        self._recycle(stage.path)
+
+    def _recycle(self, path: str) -> None:
+        if self._spare is None:
+            self._spare = path
+        else:
+            pathlib.Path(path).unlink(missing_ok=True)
 
     async def apply(self, staged: StagedWeights) -> UpdateResult:
-        """Swap in verified weights: drain generation, reload, reset caches, bump the version."""
+        """Swap in verified weights: drain generation, reload, reset caches, bump the version.
+        The staged file is the engine's from here on: served from, or kept as the spare."""
+        try:
+            return await self._apply(staged)
+        finally:
+            if staged.path not in {s.path for s in self._sources.values()}:  # refused or failed
+                self._recycle(staged.path)
+
+    async def _apply(self, staged: StagedWeights) -> UpdateResult:
         async with self._apply_lock:
             if staged.version <= self.version:  # another push got in first
                 raise FailedPrecondition(f"header.version must be greater than the served version {self.version}, "
@@ -462,7 +486,7 @@ class PolicyEngine:
                 old_files = {s.path for s in self._sources.values() if s.kind == "raw"}
                 self._sources = sources
                 for path in old_files - {s.path for s in sources.values()}:
-                    pathlib.Path(path).unlink(missing_ok=True)
+                    self._recycle(path)
             finally:
                 self._open.set()
             apply_seconds = time.perf_counter() - t0

@@ -11,12 +11,13 @@ import time
 
 import grpc
 
-from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, ServiceError
 from services.policy import engine as core
 from services.policy.engine import REQUESTS, UPDATE_SECONDS, UPDATES, PolicyEngine, Sampling
 from services.policy.client import DIGEST_NAME, DTYPE_ENUM, DTYPE_NAME  # wire enums, one table for both ends
 from services.policy.weights import TensorSpec
+from services.policy.wire import Chunk, decode_request
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,26 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.engine = engine
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        policy_pb2_grpc.add_PolicyServiceServicer_to_server(self, server)
+        # The generated add_PolicyServiceServicer_to_server, but UpdateWeights reads its
+        # chunks with services.policy.wire (no protobuf copies of the payload).
+        def codec(request, response):
+            return dict(request_deserializer=request.FromString, response_serializer=response.SerializeToString)
+
+        pb = policy_pb2
+        handlers = {
+            "Generate": grpc.unary_unary_rpc_method_handler(self.Generate, **codec(pb.GenerateRequest,
+                                                                                   pb.GenerateResponse)),
+            "GenerateStream": grpc.unary_stream_rpc_method_handler(
+                self.GenerateStream, **codec(pb.GenerateStreamRequest, pb.GenerateStreamResponse)),
+            "UpdateWeights": grpc.stream_unary_rpc_method_handler(
+                self.UpdateWeights, request_deserializer=decode_request,
+                response_serializer=pb.UpdateWeightsResponse.SerializeToString),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, **codec(common_pb2.GetModelInfoRequest, pb.PolicyModelInfo)),
+        }
+        assert set(handlers) == set(pb.DESCRIPTOR.services_by_name["PolicyService"].methods_by_name)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(self.service_name, handlers),))
+        server.add_registered_method_handlers(self.service_name, handlers)
 
     async def start(self) -> None:
         await self.engine.start()
@@ -99,7 +119,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         result = "error"
         try:
             async for msg in request_iterator:
-                kind = msg.WhichOneof("kind")
+                kind = "chunk" if isinstance(msg, Chunk) else msg.WhichOneof("kind")
                 if stage is None:
                     if kind != "header":
                         raise InvalidArgument(f"the first UpdateWeights message must be a header, got {kind}")
@@ -110,7 +130,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     stage = self.engine.begin_push(h.version, specs, h.full, digest)
                 elif kind == "chunk":
                     # Off the event loop: writing a chunk must not stall generation.
-                    await asyncio.to_thread(stage.write, msg.chunk.offset, msg.chunk.data)
+                    await asyncio.to_thread(stage.write, msg.offset, msg.data)
                 elif kind == "commit":
                     staged = await asyncio.to_thread(stage.commit, msg.commit.digest)
                     break
@@ -143,8 +163,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             result = "refused"
             raise
         finally:
-            if stage is not None and result != "ok":
-                stage.discard()
+            if stage is not None and staged is None:  # once committed, the file is the engine's
+                self.engine.abandon_push(stage)
             UPDATES.labels(result).inc()
             if result != "ok":
                 log.warning("UpdateWeights refused (%s)", result)

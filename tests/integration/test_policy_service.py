@@ -231,7 +231,8 @@ def test_partial_pushes_restore_the_base(servers, models, fresh):
 
 def _messages(c: PolicyClient, state, version, full=True, chunk_bytes=32 << 10):
     info = c.model_info()
-    return list(weight_messages(plan_push(state, info), version, full, info.dtype, chunk_bytes))
+    return [policy_pb2.UpdateWeightsRequest.FromString(m)
+            for m in weight_messages(plan_push(state, info), version, full, info.dtype, chunk_bytes)]
 
 
 def _with_header(msgs, **changes):

@@ -425,12 +425,13 @@ def test_fuzz_update_weights_and_model_info(policy, request):
     record(request, "Fuzz PolicyService.UpdateWeights (one-tensor pushes, one header/chunk/commit fault each)",
            cases=tally.cases("UpdateWeights"), faults=tally.cases("UpdateWeights"),
            errors=tally.summary("UpdateWeights"),
-           lost=f"version {'unchanged' if same else 'MOVED'}, {len(leftovers)} staged files left",
+           lost=f"version {'unchanged' if same else 'MOVED'}, {len(leftovers)} staged file left (the spare)",
            result=tally.result())
     record(request, "Fuzz PolicyService.GetModelInfo (alongside the pushes)", cases=tally.cases("GetModelInfo"),
            errors=tally.summary("GetModelInfo"), lost=0, result="pass" if not tally.codes["GetModelInfo"].keys() - {"OK"} else "FAIL")
     assert same
-    assert leftovers == [], f"refused pushes left staged files behind: {leftovers}"
+    # A refused push's file is kept as the spare that the next push overwrites; one at most.
+    assert len(leftovers) <= 1, f"refused pushes left staged files behind: {leftovers}"
     assert not tally.wrong, "\n".join(tally.wrong)
 
 
@@ -494,6 +495,11 @@ def test_fuzz_garbage_bytes(policy, request):
 
 # ---- 2. interrupted weight pushes ------------------------------------------------------------
 
+def requests(serialized) -> list[policy_pb2.UpdateWeightsRequest]:
+    """weight_messages' serialized requests as messages, to corrupt and send with the stub."""
+    return [policy_pb2.UpdateWeightsRequest.FromString(m) for m in serialized]
+
+
 def _weights(model_dir, noise: float, seed: int = 0):
     import torch
     from safetensors.torch import load_file
@@ -508,13 +514,13 @@ def _weights(model_dir, noise: float, seed: int = 0):
 
 def test_interrupted_weight_pushes(policy, request):
     """60 pushes of new weights, each cut or corrupted somewhere: the version never moves,
-    greedy outputs stay identical, nothing stays staged; then a good push applies."""
+    greedy outputs stay identical, only the one spare staging file stays; then a good push applies."""
     rng = random.Random(1234)
     info = policy.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
     v0 = info.weight_version
     perturbed = _weights(policy.model_dir, noise=0.5)
     plan = plan_push(perturbed, info)
-    good = list(weight_messages(plan, v0 + 1, True, info.dtype, 64 << 10))
+    good = requests(weight_messages(plan, v0 + 1, True, info.dtype, 64 << 10))
     assert len(good) >= 8
     kinds = ["client cancels mid-stream", "stream ends without commit", "flipped byte", "wrong checksum",
              "dropped chunk", "duplicated chunk", "truncated chunk", "deadline mid-stream"]
@@ -572,21 +578,24 @@ def test_interrupted_weight_pushes(policy, request):
         assert version(policy) == v0, f"push {i} ({kind}) moved the version"
         assert greedy(policy.stub) == policy.baseline, f"push {i} ({kind}) changed greedy outputs"
     time.sleep(1)  # a cancelled handler discards its stage as it unwinds
-    assert staged_pushes(policy.staging) == [], "a refused push left its bytes staged"
+    spare = staged_pushes(policy.staging)
+    assert len(spare) <= 1, f"refused pushes left more than the one spare staging file: {spare}"
 
     # The next good push applies, moves the version and changes the model; pushing the
     # original weights back restores the exact greedy outputs.
     reply = policy.stub.UpdateWeights(iter(good), timeout=120)
     assert (reply.version, reply.previous_version) == (v0 + 1, v0) and version(policy) == v0 + 1
     assert greedy(policy.stub) != policy.baseline, "the perturbed weights did not change greedy outputs"
-    original = list(weight_messages(plan_push(_weights(policy.model_dir, 0.0), info), v0 + 2, True, info.dtype, 64 << 10))
+    original = requests(weight_messages(plan_push(_weights(policy.model_dir, 0.0), info), v0 + 2, True, info.dtype,
+                                        64 << 10))
     assert policy.stub.UpdateWeights(iter(original), timeout=120).version == v0 + 2
     assert greedy(policy.stub) == policy.baseline, "pushing the original weights back did not restore the outputs"
-    assert len(staged_pushes(policy.staging)) <= 1  # only the push now served
+    # The push now served, and at most the spare: the first good push overwrote the old one.
+    assert len(staged_pushes(policy.staging)) <= 2 and set(spare) <= set(staged_pushes(policy.staging))
     record(request, "Interrupted/corrupted weight pushes (full model, 64 KiB chunks)", cases=66,
            faults=f"{sum(outcomes.values())}: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()),
            errors="0 (each refused with its code)",
-           lost="0: version stayed, greedy identical after each, 0 staged files left; next good push applied",
+           lost="0: version stayed, greedy identical after each, 1 spare staging file at most; next good push applied",
            result="pass")
 
 
@@ -783,6 +792,7 @@ def test_fuzz_trainer_service(trainer, request):
 
 def test_trainer_rpcs_need_the_token(trainer, request):
     pb = trainer.pb
+    paused = trainer.stub.GetStatus(pb.GetStatusRequest(), timeout=30).paused  # as the tests before left it
     refused = 0
     for token in BAD_TOKENS:
         with create_channel(trainer.proc.address, ClientConfig(auth_token=token)) as channel:
@@ -800,7 +810,7 @@ def test_trainer_rpcs_need_the_token(trainer, request):
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (token, name, err.value)
                 refused += 1
     status = trainer.stub.GetStatus(pb.GetStatusRequest(), timeout=30)
-    assert not status.paused  # no anonymous Pause got through
+    assert status.paused == paused  # no anonymous Pause or Resume got through
     record(request, "Auth: TrainerService, 5 RPCs x 7 missing/wrong tokens", cases=refused,
            errors=f"{refused} UNAUTHENTICATED", result="pass")
     # Done with the run: SIGTERM finishes the step, checkpoints and exits (before the
@@ -822,7 +832,7 @@ def test_every_rpc_needs_the_token(policy, request):
     """Missing and wrong tokens on every PolicyService RPC: UNAUTHENTICATED, and the push
     they carried (version 10**6) is not applied."""
     info = policy.info
-    push = list(weight_messages(plan_push(_weights(policy.model_dir, 0.0), info), 10**6, True, info.dtype, 1 << 20))
+    push = requests(weight_messages(plan_push(_weights(policy.model_dir, 0.0), info), 10**6, True, info.dtype, 1 << 20))
     refused = 0
     for token in BAD_TOKENS:
         with create_channel(policy.server.address, ClientConfig(auth_token=token)) as channel:

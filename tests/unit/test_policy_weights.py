@@ -68,6 +68,35 @@ def test_header_refusals(tmp_path, change, error, words):
     assert not list(tmp_path.iterdir())  # nothing staged
 
 
+def test_a_reused_file_holds_exactly_the_new_push(tmp_path):
+    """A spare staging file, longer than the next push, is overwritten and cut to size."""
+    spare = tmp_path / "spare.bin"
+    spare.write_bytes(b"\xff" * 1000)
+    s = WeightStage(1, [SERVED["norm.weight"]], False, served=SERVED, current_version=0, max_bytes=1 << 20,
+                    directory=str(tmp_path), reuse=str(spare))
+    data = payload([SERVED["norm.weight"]])
+    s.write(0, data)
+    staged = s.commit(xxhash.xxh3_128(data).digest())
+    assert staged.path == str(spare) and spare.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["spare.bin"]
+
+
+def test_a_spare_deleted_meanwhile_gives_a_new_file(tmp_path):
+    s = WeightStage(1, [SERVED["norm.weight"]], False, served=SERVED, current_version=0, max_bytes=1 << 20,
+                    directory=str(tmp_path), reuse=str(tmp_path / "gone.bin"))
+    assert pathlib.Path(s.path).parent == tmp_path and pathlib.Path(s.path).exists()
+    s.discard()
+
+
+def test_an_abandoned_stage_refuses_further_writes(tmp_path):
+    s = stage(tmp_path=tmp_path)
+    s.write(0, b"\x00" * 16)
+    s.close()  # what the engine does when the client goes away mid-push
+    with pytest.raises(InvalidArgument, match="abandoned"):
+        s.write(16, b"\x00" * 16)
+    assert pathlib.Path(s.path).stat().st_size == 16
+
+
 def test_partial_push_of_named_tensors(tmp_path):
     s = stage([SERVED["norm.weight"]], full=False, tmp_path=tmp_path)
     data = payload([SERVED["norm.weight"]])
@@ -157,7 +186,8 @@ def test_client_messages_pass_the_stage(tmp_path):
         policy_pb2.TensorSpec(name=t.name, dtype=policy_pb2.DTYPE_BFLOAT16, shape=t.shape) for t in served.values()])
     plan = plan_push(state, info)
     assert [name for name, _, _ in plan] == ["embed.weight", "norm.weight"]
-    msgs = list(weight_messages(plan, 5, True, "bfloat16", chunk_bytes=24))
+    msgs = [policy_pb2.UpdateWeightsRequest.FromString(m) for m in weight_messages(plan, 5, True, "bfloat16",
+                                                                                    chunk_bytes=24)]
     header = msgs[0].header
     assert [t.nbytes for t in header.tensors] == [80, 8] and header.version == 5 and header.full
     assert all(len(m.chunk.data) == 24 for m in msgs[1:-2])  # small tensors are packed into full chunks

@@ -1,0 +1,96 @@
+"""UpdateWeights chunks on the wire, without protobuf's copies of the payload.
+
+A push is hundreds of megabytes of `WeightsChunk.data`. Through the generated protobuf
+classes every chunk is copied three times on each side (into the message, out of it as
+`bytes`, and once more to serialize or parse). On a CPU node those copies, not the
+socket, bounded a push. So the chunk message, which has two fields, is written and read
+here by hand: the sender joins a few header bytes to a view of the tensor (one copy),
+and the receiver gets a memoryview into the bytes gRPC handed over (no copy).
+
+Only that one exact shape takes the short way. Anything else (headers, commits, unknown
+fields, odd encodings, garbage) goes through protobuf, so the wire format is the proto's
+and both paths give the same answer; tests/unit/test_policy_wire.py checks that.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from rlhf.v1 import policy_pb2
+
+# Tags: (field number << 3) | wire type. Wire type 0 = varint, 2 = length-delimited.
+CHUNK_FIELD = 2 << 3 | 2  # UpdateWeightsRequest.chunk
+OFFSET_FIELD = 1 << 3 | 0  # WeightsChunk.offset
+DATA_FIELD = 2 << 3 | 2  # WeightsChunk.data
+MAX_VARINT_BYTES = 9  # up to 2**63 - 1; longer ones (legal, never sent by us) go to protobuf
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """A decoded WeightsChunk; `data` is a view into the received message."""
+    offset: int
+    data: memoryview
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """(value, next position), or None when it is truncated or longer than we take."""
+    value = shift = 0
+    for i in range(pos, min(pos + MAX_VARINT_BYTES, len(buf))):
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    return None
+
+
+def encode_chunk(offset: int, data) -> bytes:
+    """The serialized UpdateWeightsRequest{chunk: {offset, data}}; `data` is any bytes-like."""
+    head = (bytes((OFFSET_FIELD,)) + _varint(offset) if offset else b"") + bytes((DATA_FIELD,)) + _varint(len(data))
+    return b"".join((bytes((CHUNK_FIELD,)), _varint(len(head) + len(data)), head, data))
+
+
+def _fast_chunk(buf: bytes) -> Chunk | None:
+    """The chunk of a message made of one `chunk` field holding offset and data, else None."""
+    if not buf or buf[0] != CHUNK_FIELD:
+        return None
+    length = _read_varint(buf, 1)
+    if length is None or length[1] + length[0] != len(buf):
+        return None
+    pos = length[1]
+    offset, data = 0, memoryview(b"")
+    while pos < len(buf):
+        tag = buf[pos]
+        field = _read_varint(buf, pos + 1)
+        if field is None:
+            return None
+        if tag == OFFSET_FIELD:
+            offset, pos = field
+        elif tag == DATA_FIELD:
+            size, start = field
+            if start + size > len(buf):
+                return None
+            data, pos = memoryview(buf)[start:start + size], start + size
+        else:
+            return None
+    return Chunk(offset, data)
+
+
+def decode_request(buf: bytes) -> Chunk | policy_pb2.UpdateWeightsRequest:
+    """gRPC request deserializer: a Chunk for chunk messages, the protobuf message otherwise.
+    Raises protobuf's DecodeError for bytes that are no UpdateWeightsRequest."""
+    chunk = _fast_chunk(buf)
+    if chunk is not None:
+        return chunk
+    msg = policy_pb2.UpdateWeightsRequest.FromString(buf)
+    if msg.WhichOneof("kind") == "chunk":
+        return Chunk(msg.chunk.offset, memoryview(msg.chunk.data))
+    return msg
