@@ -317,6 +317,47 @@ def test_bad_pushes_change_nothing(servers, models):
         assert push(good).version == v + 1
 
 
+def test_a_client_leaving_during_apply_leaves_the_push_whole(servers, models, fresh):
+    """The client goes away after its commit, while the server waits for generation in
+    flight before applying. The verified push still applies (the engine finishes what it
+    started), and its staged file stays the engine's: a later partial push reloads the
+    other half of every layer from it and the model is still exactly W."""
+    with client(servers, "llama_base") as c:
+        v = c.model_info().weight_version
+        w = models["llama"]["w_state"]
+        # Generation in flight (8 x 32 completions) holds the apply back while the client leaves.
+        pool = ThreadPoolExecutor(8)
+        calls = [pool.submit(c.generate, [PROMPTS[0]] * 32, temperature=1.0, max_tokens=96, ignore_eos=True)
+                 for _ in range(8)]
+        time.sleep(0.1)
+        committed = threading.Event()
+
+        def stream():
+            yield from _messages(c, w, v + 1)
+            committed.set()
+            time.sleep(30)  # never half-closes: cancelled meanwhile
+
+        future = c.stub.UpdateWeights.future(stream(), timeout=60)
+        assert committed.wait(30)
+        time.sleep(0.1)  # the commit reaches the server, which verifies it and waits to apply
+        assert not all(f.done() for f in calls), "generation ended before the client left: make it longer"
+        future.cancel()
+        for f in calls:
+            f.result(timeout=120)
+        deadline = time.monotonic() + 30
+        while c.model_info().weight_version != v + 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.model_info().weight_version == v + 1, "a verified push was dropped when its client left"
+
+        names = sorted(n for n in w if n != "lm_head.weight")  # tied: the server lists the embedding
+        c.push_weights({k: w[k] for k in names[::2]}, v + 2, full=False)
+        outputs, versions = greedy(c)
+        assert versions == {v + 2} and outputs == fresh["llama_w"]
+        # Leave the server as the tests after this one expect it: serving the base weights.
+        c.push_weights(models["llama"]["base_state"], v + 3)
+        assert greedy(c)[0] == fresh["llama_base"]
+
+
 # ---- concurrency --------------------------------------------------------------------
 
 def test_pushes_during_generation_never_mix_versions(servers, models, fresh):
