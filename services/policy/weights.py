@@ -1,9 +1,9 @@
 """Receiving a weight push: check it against the served model, stage its bytes, verify.
 
-No torch, no gRPC. The bytes go straight to a file as they arrive, so the server holds
-at most one extra copy of the model (on disk or in /dev/shm, not on the heap), and the
-vLLM worker reads them back with mmap. Nothing here touches the served weights: a push
-that fails any check is discarded and the model never sees it.
+No torch, no gRPC. The bytes go straight to a staging file as they arrive, so the server
+holds at most one extra copy of the model (in the page cache of a disk file, not on the
+heap), and the vLLM worker reads them back one tensor at a time. Nothing here touches the
+served weights: a push that fails any check is discarded and the model never sees it.
 """
 from __future__ import annotations
 
