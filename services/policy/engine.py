@@ -370,14 +370,22 @@ class PolicyEngine:
         params = self.sampling_params(sampling, max(map(len, ids)), stream=False)
         version = await self._enter(require_version)
         try:
-            results = await asyncio.gather(*(self._one(p, params, request_id, version) for p in ids))
+            # The first prompt streams deltas, which time the call's first token; the rest
+            # (scheduled in the same batch) return only their final output: a delta per
+            # token and prompt costs the event loop more than a small model's decode step.
+            from vllm.sampling_params import RequestOutputKind
+
+            final_only = params.clone()
+            final_only.output_kind = RequestOutputKind.FINAL_ONLY
+            results = await asyncio.gather(*(self._one(p, final_only if i else params, request_id, version,
+                                                       time_first_token=not i) for i, p in enumerate(ids)))
         finally:
             self._exit()
         return list(results)
 
-    async def _one(self, prompt_ids: list[int], params, request_id: str, version: int) -> PromptResult:
-        # Deltas rather than only the final output: the first one times the first token.
-        start, first = time.perf_counter(), True
+    async def _one(self, prompt_ids: list[int], params, request_id: str, version: int, *,
+                   time_first_token: bool) -> PromptResult:
+        start, first = time.perf_counter(), time_first_token
         acc: dict[int, Completion] = {}
         async for out in self.llm.generate({"prompt_token_ids": prompt_ids}, params, self._request_id(request_id)):
             if first and any(c.token_ids for c in out.outputs):
