@@ -1,11 +1,12 @@
 """glibc malloc settings for the processes that stream weight pushes.
 
 glibc serves each allocation above its mmap threshold (128 KiB at start) with fresh pages
-from mmap and gives them back on free. A push copies every 1 MiB chunk a few times between
-gRPC and protobuf, so without this each copy page-faults its way through newly zeroed
-memory: in a loopback microbenchmark of the push stream (gRPC + protobuf, one process) it
-ran at a third of the speed it reaches when the freed buffers are reused from the heap. Raising both thresholds keeps them for reuse;
-the heap still shrinks once more than `trim_threshold` bytes are free at its top.
+from mmap and gives them back on free. gRPC Python copies every 1 MiB chunk of a push into
+new buffers on both ends, so without this each copy page-faults its way through newly
+zeroed memory: in a loopback microbenchmark of the push stream (one process) it ran at a
+third of the speed it reaches when the freed buffers are reused from the heap. Raising both
+thresholds keeps them for reuse; the heap still shrinks once more than `trim_threshold`
+bytes are free at its top.
 """
 from __future__ import annotations
 
