@@ -151,7 +151,7 @@ async def run_load(target: str, service: str, *, clients: int, duration: float, 
 
 def _own_server(service: str, tmp: pathlib.Path):
     """A tiny model and its real server, for a run without --target."""
-    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo.tiny_model import build_model
 
     model = build_model(service, tmp / service, seed=0)

@@ -226,7 +226,7 @@ def bench_push(client, server_pid: int, state: dict, version: int, model_bytes: 
 def run_size(name: str, size: dict, dtype: str, root: str, batch: int, reps: int) -> list[dict]:
     from safetensors.torch import load_file
 
-    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.policy.client import PolicyClient
 
     log.info("[%s] building models", name)

@@ -53,7 +53,7 @@ def main() -> int:
 
     from rlhf.v1 import common_pb2, policy_pb2, reward_pb2
     from services.common.config import ClientConfig
-    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo.data import write_demo_data
     from services.demo.pipeline import ppo_config
     from services.demo.tiny_model import build_model

@@ -37,7 +37,7 @@ import time
 import psutil
 
 from services.common.config import ClientConfig
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.common.text import format_prompt
 from services.demo.data import KINDS, all_prompts, make_answer
 from services.demo.tiny_model import build_model

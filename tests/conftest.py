@@ -46,7 +46,7 @@ def tiny_reward_dir(models_root) -> pathlib.Path:
 
 @pytest.fixture
 def free_port():
-    from services.common.launch import free_port as pick
+    from services.demo.launch import free_port as pick
     return pick
 
 

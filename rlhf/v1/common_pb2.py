@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"O\n\x0cTextOrTokens\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x42\x07\n\x05input\"\x15\n\x13GetModelInfoRequestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\"z\n\x0cTextOrTokens\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12&\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x11.rlhf.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.ChatMessagesH\x00\x42\x07\n\x05input\"\x15\n\x13GetModelInfoRequestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIDS']._serialized_start=33
   _globals['_TOKENIDS']._serialized_end=56
-  _globals['_TEXTORTOKENS']._serialized_start=58
-  _globals['_TEXTORTOKENS']._serialized_end=137
-  _globals['_GETMODELINFOREQUEST']._serialized_start=139
-  _globals['_GETMODELINFOREQUEST']._serialized_end=160
+  _globals['_CHATMESSAGE']._serialized_start=58
+  _globals['_CHATMESSAGE']._serialized_end=102
+  _globals['_CHATMESSAGES']._serialized_start=104
+  _globals['_CHATMESSAGES']._serialized_end=158
+  _globals['_TEXTORTOKENS']._serialized_start=160
+  _globals['_TEXTORTOKENS']._serialized_end=282
+  _globals['_GETMODELINFOREQUEST']._serialized_start=284
+  _globals['_GETMODELINFOREQUEST']._serialized_end=305
 # @@protoc_insertion_point(module_scope)

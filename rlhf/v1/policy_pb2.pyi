@@ -143,7 +143,8 @@ class SamplingParams(_message.Message):
     """
     seed: _builtins.int
     """Seed of the per-request random generator: the same seed, prompt, params
-    and weights give the same completion. Default: unseeded.
+    and weights give the same completion. Default: unseeded. Must be in
+    [0, 2^63 - 1].
     """
     ignore_eos: _builtins.bool
     """Keep generating past the EOS token (for benchmarks). Default false."""
@@ -486,7 +487,8 @@ class WeightsHeader(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version these weights become. Must be greater than the served
-    version, else FAILED_PRECONDITION.
+    version, else FAILED_PRECONDITION, and at most 2^63 - 1 (the largest
+    version every client can hold), else INVALID_ARGUMENT.
     """
     full: _builtins.bool
     """True when tensors cover every parameter of the model (missing ones are
@@ -647,6 +649,26 @@ Global___UpdateWeightsResponse: _TypeAlias = UpdateWeightsResponse  # noqa: Y015
 class PolicyModelInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class EngineConfigEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     ARCHITECTURE_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
@@ -660,6 +682,8 @@ class PolicyModelInfo(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     MAX_N_FIELD_NUMBER: _builtins.int
     MAX_PROMPTS_FIELD_NUMBER: _builtins.int
+    ENGINE_CONFIG_FIELD_NUMBER: _builtins.int
+    MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model directory or name as given to --model / --served-model-name."""
     architecture: _builtins.str
@@ -682,9 +706,20 @@ class PolicyModelInfo(_message.Message):
     max_n: _builtins.int
     """Server limits, so clients can size requests."""
     max_prompts: _builtins.int
+    max_text_bytes: _builtins.int
+    """Limit of one text prompt (or all messages of one prompt), in bytes
+    (--max-text-bytes).
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Every parameter UpdateWeights accepts, with dtype and shape."""
+
+    @_builtins.property
+    def engine_config(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Effective vLLM engine settings, by vLLM's own argument names
+        (e.g. "max_num_batched_tokens", "enable_prefix_caching"), read back from
+        the running engine.
+        """
 
     def __init__(
         self,
@@ -702,10 +737,12 @@ class PolicyModelInfo(_message.Message):
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         max_n: _builtins.int = ...,
         max_prompts: _builtins.int = ...,
+        engine_config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        max_text_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "dtype", b"dtype", "eos_token_id", b"eos_token_id", "instance_id", b"instance_id", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_prompts", b"max_prompts", "model_name", b"model_name", "pad_token_id", b"pad_token_id", "tensors", b"tensors", "vocab_size", b"vocab_size", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "dtype", b"dtype", "engine_config", b"engine_config", "eos_token_id", b"eos_token_id", "instance_id", b"instance_id", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_prompts", b"max_prompts", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "pad_token_id", b"pad_token_id", "tensors", b"tensors", "vocab_size", b"vocab_size", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -56,8 +56,9 @@ class ScorePair(_message.Message):
     RESPONSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def prompt(self) -> _common_pb2.TextOrTokens:
-        """The prompt as the user wrote it (the server applies the model's template).
-        Must not be empty.
+        """The prompt: text is one user turn (the server applies the model's chat
+        template), messages a conversation (rendered the same way as on
+        PolicyService), token_ids used as they are. Must not be empty.
         """
 
     @_builtins.property
@@ -117,10 +118,31 @@ Global___ScoreRequest: _TypeAlias = ScoreRequest  # noqa: Y015
 class ScoreResult(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ComponentsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     SCORE_FIELD_NUMBER: _builtins.int
     RAW_SCORE_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """The reward: raw, or normalized when asked."""
     raw_score: _builtins.float
@@ -129,6 +151,15 @@ class ScoreResult(_message.Message):
     """True when prompt tokens were dropped to fit."""
     num_tokens: _builtins.int
     """Tokens the model read for this pair."""
+    @_builtins.property
+    def components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """The value of every reward component for this pair, by name ("rm" for the
+        reward model, then the reward functions), before weighting. score and
+        raw_score are the weighted sum: sum(weight * value). The "rm" value is
+        normalized when the request asks for it. Empty only from servers older
+        than this field.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +167,11 @@ class ScoreResult(_message.Message):
         raw_score: _builtins.float = ...,
         truncated: _builtins.bool = ...,
         num_tokens: _builtins.int = ...,
+        components: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_tokens", b"num_tokens", "raw_score", b"raw_score", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "num_tokens", b"num_tokens", "raw_score", b"raw_score", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +286,8 @@ class RewardModelInfo(_message.Message):
     MAX_PAIRS_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     architecture: _builtins.str
     """e.g. "LlamaForSequenceClassification"."""
@@ -275,6 +309,12 @@ class RewardModelInfo(_message.Message):
     """Server limits."""
     max_batch_size: _builtins.int
     max_batch_tokens: _builtins.int
+    max_text_bytes: _builtins.int
+    """Limit of one text, in bytes (--max-text-bytes)."""
+    @_builtins.property
+    def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardComponent]:
+        """What Score returns: the weighted sum of these components."""
+
     def __init__(
         self,
         *,
@@ -290,11 +330,47 @@ class RewardModelInfo(_message.Message):
         max_pairs: _builtins.int = ...,
         max_batch_size: _builtins.int = ...,
         max_batch_tokens: _builtins.int = ...,
+        components: _abc.Iterable[Global___RewardComponent] | None = ...,
+        max_text_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "dtype", b"dtype", "eval_accuracy", b"eval_accuracy", "instance_id", b"instance_id", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "max_pairs", b"max_pairs", "model_name", b"model_name", "model_version", b"model_version", "score_mean", b"score_mean", "score_std", b"score_std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "components", b"components", "dtype", b"dtype", "eval_accuracy", b"eval_accuracy", "instance_id", b"instance_id", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "max_pairs", b"max_pairs", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "model_version", b"model_version", "score_mean", b"score_mean", "score_std", b"score_std"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardModelInfo: _TypeAlias = RewardModelInfo  # noqa: Y015
+
+@_typing.final
+class RewardComponent(_message.Message):
+    """One term of the reward: the reward model or a rule function."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"rm" for the reward model; the function's name otherwise."""
+    weight: _builtins.float
+    """Its weight in the sum."""
+    kind: _builtins.str
+    """"model" or "function"."""
+    source: _builtins.str
+    """For a function, where it comes from ("module:function" or a built-in)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        kind: _builtins.str = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "source", b"source", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewardComponent: _TypeAlias = RewardComponent  # noqa: Y015

@@ -48,7 +48,7 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.common.config import ClientConfig
-    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo import evaluate, report
     from services.demo.data import write_demo_data
     from services.demo.tiny_model import build_model

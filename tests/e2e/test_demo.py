@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from services.common.launch import rlhf_command
+from services.demo.launch import rlhf_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -18,7 +18,7 @@ import yaml
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}

@@ -24,7 +24,7 @@ import xxhash
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.config import ClientConfig
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.policy.client import PolicyClient, plan_push, weight_messages
 
 pytestmark = pytest.mark.vllm

@@ -21,7 +21,7 @@ import pytest
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.common.config import ClientConfig
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.common.text import format_prompt
 from services.reward.client import AsyncRewardClient, RewardClient
 

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.common.config import ClientConfig
 from services.common.channel import create_channel
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.reward.client import RewardClient
 
 SERVICE = "rlhf.v1.RewardService"

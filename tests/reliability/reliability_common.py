@@ -10,7 +10,7 @@ import sys
 
 import grpc
 
-from services.common.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import ChildServer, free_port, rlhf_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ROWS: list[dict] = []  # written to JSON by conftest.py at the end of the session

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.common.launch import health_status
+from services.demo.launch import health_status
 from services.policy.client import plan_push, weight_messages
 
 from reliability_common import (POLICY, Tally, code_of, load_bench, mib, policy_server, raw_stream_unary,
@@ -655,7 +655,7 @@ def trainer(policy, tiny_policy_dir, tiny_reward_dir, reliability_logs, tmp_path
     import yaml
 
     from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-    from services.common.launch import ChildServer, free_port, rlhf_command
+    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo.data import write_demo_data
     from reliability_common import TRAINER, reward_server, server_env
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.common.launch import free_port, health_status
+from services.demo.launch import free_port, health_status
 
 from reliability_common import (REWARD, Tally, code_of, load_bench, mib, raw_stream_stream, raw_unary, record,
                                 reward_server, tree_rss)

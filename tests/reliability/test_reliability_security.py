@@ -13,7 +13,7 @@ import pytest
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.common.launch import free_port, health_status
+from services.demo.launch import free_port, health_status
 
 from reliability_common import REWARD, record, reward_server
 
