@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from services.common.config import add_client_args, add_server_args
@@ -18,6 +19,19 @@ def _command(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.set_defaults(target=target)
     return p
+
+
+def _add_job_args(p: argparse.ArgumentParser) -> None:
+    """What every training job takes: its config file, overrides, where it runs."""
+    p.add_argument("--config", help="YAML file of config keys; the flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (dotted, YAML value), e.g. --set ppo.beta=0.05")
+    p.add_argument("--print-config", action="store_true", help="print the effective config (defaults included) and exit")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto: cuda:LOCAL_RANK when there is CUDA")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (auto: bfloat16 on GPUs that have it, else float32)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run N ranks on this machine: re-executes the command under torchrun --nproc-per-node N")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,26 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=1000, help="PPO prompts (train + eval)")
 
     # rlhf train sft|rm|ppo
-    train = sub.add_parser("train", help="training jobs").add_subparsers(dest="train_command", required=True, metavar="JOB")
+    train = sub.add_parser("train", help="training jobs (one process per device under torchrun, or --nproc N)"
+                           ).add_subparsers(dest="train_command", required=True, metavar="JOB")
     for name, target, help in [
         ("sft", "services.trainer.sft:main", "supervised fine-tuning on prompt/response JSONL"),
-        ("rm", "services.reward.training:main", "reward model (Bradley-Terry) on prompt/chosen/rejected JSONL"),
+        ("rm", "services.trainer.rm:main", "reward model (Bradley-Terry) on prompt/chosen/rejected JSONL"),
     ]:
         p = _command(train, name, target, help)
-        p.add_argument("--model", required=True, help="Hugging Face model directory to start from")
-        p.add_argument("--data", required=True, help="JSONL file")
-        p.add_argument("--out", required=True)
-        p.add_argument("--epochs", type=float, default=None)
-        p.add_argument("--lr", type=float, default=None)
-        p.add_argument("--batch-size", type=int, default=None)
-        p.add_argument("--max-length", type=int, default=None, help="tokens per example")
-        p.add_argument("--eval-fraction", type=float, default=0.1)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+        _add_job_args(p)
+        p.add_argument("--model", help="Hugging Face model directory to start from")
+        p.add_argument("--data", help="JSONL file")
+        p.add_argument("--out", help="output directory (Hugging Face layout)")
+        p.add_argument("--epochs", type=float)
+        p.add_argument("--lr", type=float)
+        p.add_argument("--batch-size", type=int, help="examples per optimizer step, over all ranks")
+        p.add_argument("--max-length", type=int, help="tokens per example")
+        p.add_argument("--eval-fraction", type=float)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p = _command(train, "ppo", "services.trainer.loop:main", "online PPO against live policy and reward services")
-    p.add_argument("--config", help="YAML file; the flags below override it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key (dotted, YAML value), e.g. --set ppo.beta=0.05")
+    _add_job_args(p)
     p.add_argument("--policy", action="append", dest="policy_addresses", metavar="HOST:PORT",
                    help="policy replica address; repeat for several, or dns:///name:port for every replica behind a name")
     p.add_argument("--reward", dest="reward_address", metavar="HOST:PORT", help="reward service address")
@@ -127,8 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
+    """`rlhf ... --nproc N ...` as the torchrun command that starts N ranks of it."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "services.cli", *rest]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None) and "RANK" not in os.environ:
+        if args.nproc < 1:
+            print("rlhf: --nproc must be >= 1", file=sys.stderr)
+            return 2
+        command = torchrun_argv(argv, args.nproc)
+        os.execv(command[0], command)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module, func = args.target.split(":")
     return getattr(importlib.import_module(module), func)(args) or 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.channel import create_channel
@@ -97,6 +97,15 @@ def generate_request(prompts, require_weight_version: int = 0, request_id: str =
 
 # ---- weight push ------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor to push that does not exist yet: the header is built from name and shape, and
+    get() is called once, in order, when its bytes are due (a sharded trainer gathers it then)."""
+    name: str
+    shape: tuple[int, ...]
+    get: Callable[[], object]
+
+
 def tensor_bytes(t, dtype: str) -> memoryview:
     """A C-ordered byte view of tensor `t` in `dtype`, copying only when it must (device,
     dtype, layout). Torch tensors and numpy arrays by duck typing."""
@@ -120,6 +129,8 @@ def plan_push(named_tensors, info: policy_pb2.PolicyModelInfo) -> list[tuple[str
     lm_head sharing the embedding's storage, as in a Hugging Face state_dict) is sent once,
     under the name the server knows."""
     items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
+    if items and isinstance(items[0], TensorRef):
+        return [(r.name, r, tuple(r.shape)) for r in items]
     accepted = {t.name for t in info.tensors}
     listed_ptrs = {_same_storage(t) for name, t in items if name in accepted} - {None}
     plan = []
@@ -157,7 +168,7 @@ def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int
         return msg
 
     for _, t, _ in plan:
-        view = tensor_bytes(t, dtype)
+        view = tensor_bytes(t.get() if isinstance(t, TensorRef) else t, dtype)
         start = 0
         if pending:  # top up the pending chunk first
             take = min(chunk_bytes - len(pending), len(view))

@@ -1,137 +1,191 @@
-"""PPO run configuration: a YAML file, then `--set key=value` and named flags on top."""
+"""What a training job is told, type- and range-checked when it loads (pydantic).
+
+A YAML file (--config), then `--set key.sub=value` overrides (the value is read as YAML), then the
+named flags. Every key is checked at load, before any model is read: an unknown key, a wrong type
+or a value out of range is an error that names the key, and the command exits with code 2 (a
+Kubernetes Job must not retry a bad config; the manifests' podFailurePolicy fails the Job on 2).
+
+The defaults are for real models (a 1B-70B Hugging Face checkpoint), close to what TRL and
+OpenRLHF default to; the demo's tiny model from random init keeps its own values in
+services/demo/pipeline.py.
+
+Why pydantic: one declaration gives types, ranges, defaults, the errors with the key's path and
+the effective config for --print-config; YAML's own typing ("3e-6" is a string in YAML 1.1) is
+fixed by pydantic's number parsing.
+"""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
+from typing import Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ConfigError(SystemExit):
-    """A bad config exits with status 2, like a bad flag (a Kubernetes Job then fails
-    at once instead of retrying a run that cannot start)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+class ConfigError(ValueError):
+    """A bad config: the CLI prints it and exits with code 2."""
 
 
-@dataclasses.dataclass
-class RolloutConfig:
-    batch_size: int = 64          # prompts per PPO step
-    max_tokens: int = 64          # completion length limit
-    temperature: float = 1.0
-    top_p: float = 1.0
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-@dataclasses.dataclass
-class PPOConfig:
-    epochs: int = 2               # passes over one step's batch
-    minibatch_size: int = 16
-    lr: float = 1e-5              # policy learning rate
-    value_lr: float | None = None  # default: lr
-    warmup_steps: int = 0
-    clip: float = 0.2             # epsilon of the ratio clip
-    value_clip: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    beta: float = 0.05            # KL coefficient (initial, when target_kl is set)
-    target_kl: float | None = None  # set: adapt beta to this per-sequence KL (Ziegler et al.)
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"      # k1 or k3
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of completions cut at max_tokens
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "bfloat16"]
+
+
+class Job(Section):
+    """What every training job has."""
+    out: str
+    seed: int = Field(0, ge=0)
+    device: Device = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else the CPU
+    dtype: DType = "auto"  # auto: bfloat16 compute on GPUs that have it, float32 elsewhere
+    collective_timeout_s: float = Field(1800.0, gt=0)  # how long a rank waits for the others in one collective
+
+
+# ---- supervised jobs -------------------------------------------------------------------------
+
+class Supervised(Job):
+    model: str  # Hugging Face directory to start from
+    data: str  # JSONL file
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    batch_size: int = Field(32, ge=1)  # examples (pairs for rm) per optimizer step, over all ranks
+    max_length: int = Field(1024, ge=2)  # tokens per example
+    eval_fraction: float = Field(0.05, ge=0, lt=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many steps (tests, smoke runs)
+
+
+class SFTConfig(Supervised):
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(1e-5, gt=0)
+
+
+class RMConfig(Supervised):
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-5, gt=0)
+
+
+# ---- PPO -------------------------------------------------------------------------------------
+
+class RolloutConfig(Section):
+    batch_size: int = Field(64, ge=1)  # prompts per PPO step, over all ranks
+    max_tokens: int = Field(256, ge=1)  # completion length limit
+    temperature: float = Field(1.0, gt=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PPOConfig(Section):
+    epochs: int = Field(1, ge=1)  # passes over one step's batch
+    minibatch_size: int = Field(16, ge=1)  # completions per optimizer step, over all ranks
+    lr: float = Field(1e-6, gt=0)  # policy learning rate
+    value_lr: float | None = Field(None, gt=0)  # default: 10 x lr
+    warmup_steps: int = Field(0, ge=0)
+    clip: float = Field(0.2, gt=0)  # epsilon of the ratio clip
+    value_clip: float = Field(0.2, gt=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    beta: float = Field(0.05, ge=0)  # KL coefficient (initial, when target_kl is set)
+    target_kl: float | None = Field(None, gt=0)  # set: adapt beta to this per-sequence KL (Ziegler et al.)
+    kl_horizon: int = Field(10000, ge=1)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    vf_coef: float = Field(0.5, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of completions cut at max_tokens
     normalize_scores: bool = True  # with the reward model's training mean/std
-    score_clip: float | None = 5.0
+    score_clip: float | None = Field(5.0, gt=0)
 
 
-@dataclasses.dataclass
-class ServicesConfig:
-    max_staleness: int = 0        # completions this many versions behind are still used
-    rpc_timeout_s: float = 120.0
-    dependency_deadline_s: float = 300.0  # a dependency down longer than this stops the run
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 10.0
+class ServicesConfig(Section):
+    max_staleness: int = Field(0, ge=0)  # completions this many versions behind are still used
+    rpc_timeout_s: float = Field(120.0, gt=0)
+    dependency_deadline_s: float = Field(300.0, gt=0)  # a dependency failing longer than this stops the run
+    retry_initial_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(10.0, gt=0)
 
 
-@dataclasses.dataclass
-class Config:
-    policy_addresses: list[str] = dataclasses.field(default_factory=list)
-    reward_address: str = ""
-    sft_model: str = ""
-    reward_model: str = ""
-    prompts: str = ""
+class Config(Job):
+    """`rlhf train ppo`."""
+    policy_addresses: list[str] = Field(min_length=1)  # host:port each, or dns:///name:port for every replica
+    reward_address: str = Field(min_length=1)
+    sft_model: str = Field(min_length=1)  # the policy's start and the frozen reference
+    reward_model: str = Field(min_length=1)  # the value model's start
+    prompts: str = Field(min_length=1)  # JSONL with a "prompt" per row
     out: str = "runs/ppo"
-    steps: int = 100
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 10    # steps; 0 = only at the end
-    eval_prompts: int = 0         # held-out prompts sampled for the final report (0 = off)
-    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
-    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
-    services: ServicesConfig = dataclasses.field(default_factory=ServicesConfig)
+    steps: int = Field(100, ge=1)
+    checkpoint_every: int = Field(10, ge=0)  # steps; 0 = only at the end
+    rollout: RolloutConfig = RolloutConfig()
+    ppo: PPOConfig = PPOConfig()
+    services: ServicesConfig = ServicesConfig()
 
-    def validate(self) -> "Config":
-        problems = []
-        if not self.policy_addresses:
-            problems.append("policy_addresses: at least one policy replica is needed")
-        for key in ("reward_address", "sft_model", "reward_model", "prompts"):
-            if not getattr(self, key):
-                problems.append(f"{key} is required")
-        if self.ppo.kl_estimator not in ("k1", "k3"):
-            problems.append(f"ppo.kl_estimator must be k1 or k3, got {self.ppo.kl_estimator!r}")
+    @model_validator(mode="after")
+    def _batches_divide(self) -> "Config":
         if self.rollout.batch_size % self.ppo.minibatch_size:
-            problems.append(f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of "
-                            f"ppo.minibatch_size ({self.ppo.minibatch_size})")
-        if problems:
-            raise ConfigError("invalid PPO config:\n  " + "\n  ".join(problems))
+            raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of "
+                             f"ppo.minibatch_size ({self.ppo.minibatch_size})")
         return self
 
 
-def _apply(obj, data: dict, prefix: str = "") -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(fields)})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {prefix}{key} must be a mapping")
-            _apply(current, value, f"{prefix}{key}.")
-        else:
-            setattr(obj, key, value)
+# ---- loading ---------------------------------------------------------------------------------
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = tree.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        tree = node
+    tree[leaf] = value
 
 
-def load(args: argparse.Namespace) -> Config:
-    """The file, then --set overrides, then the named flags."""
-    config = Config()
-    if args.config:
-        _apply(config, yaml.safe_load(pathlib.Path(args.config).read_text()) or {})
-    for item in args.set:
+def load(cls: type[Section], path: str | None = None, sets: list[str] = (), flags: dict | None = None):
+    """The config from a YAML file, --set KEY=VALUE overrides and flags (None = not given)."""
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path} must hold a mapping of keys, got {type(tree).__name__}")
+    for item in sets:
         key, sep, raw = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
-        nested: dict = {}
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-        _apply(config, nested)
-    for flag, key in [("policy_addresses", "policy_addresses"), ("reward_address", "reward_address"),
-                      ("sft_model", "sft_model"), ("reward_model", "reward_model"), ("prompts", "prompts"),
-                      ("out", "out"), ("steps", "steps")]:
-        value = getattr(args, flag, None)
+        try:
+            _set(tree, key, yaml.safe_load(raw))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: {e}") from None
+    for key, value in (flags or {}).items():
         if value is not None:
-            setattr(config, key, value)
-    return config.validate()
+            _set(tree, key, value)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
 
 
-def to_dict(config: Config) -> dict:
-    return dataclasses.asdict(config)
+def _explain(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "config"
+        given = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}{given}" if err["type"] != "missing" else f"{key} is required")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def dump(config: Section) -> str:
+    """The effective config as YAML, defaults included (`--print-config`)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def from_args(cls: type[Section], args: argparse.Namespace, flags: dict[str, str]):
+    """load() from the parsed CLI: flags maps a config key to the attribute of `args` holding it."""
+    return load(cls, args.config, args.set, {key: getattr(args, attr, None) for key, attr in flags.items()})

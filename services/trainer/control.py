@@ -1,64 +1,107 @@
-"""What the training loop shares with TrainerService: status, metrics, pause and
-checkpoint requests. The loop runs on the main thread, the server on its own event loop
-thread; everything here is safe across the two. No gRPC."""
+"""What the training loop shares with TrainerService: phase, status, metrics, pause and checkpoint
+requests. The loop runs on the main thread, the server on its own event-loop thread; everything
+here is safe across the two. No gRPC: the server maps these to messages."""
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import enum
+import pathlib
 import threading
-import time
+
+from services.trainer.metrics import StepMetrics
+from services.trainer.rollout import ReplicaStatus
+
+
+class Phase(enum.Enum):
+    """Where the run is; TrainerStatus.phase (PHASE_<name>)."""
+    STARTING = "starting"
+    SYNCING = "syncing"  # bringing policy replicas to the trainer's weights
+    GENERATING = "generate"
+    SCORING = "score"
+    REFERENCE = "reference"  # old-policy and reference logprobs, values, advantages
+    TRAINING = "train"
+    PUSHING = "push"
+    PAUSED = "paused"
+    CHECKPOINTING = "checkpoint"
+    FINISHED = "finished"
+    FAILED = "failed"
+    WAITING = "waiting"  # for a dependency that fails
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    phase: Phase
+    step: int
+    total_steps: int
+    weight_version: int
+    replicas: list[ReplicaStatus]
+    last: StepMetrics | None
+    paused: bool
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    path: pathlib.Path
+    step: int
 
 
 class Control:
     def __init__(self, total_steps: int):
         self._lock = threading.Lock()
-        self.phase = "STARTING"
-        self.step = 0
+        self.phase = Phase.STARTING
         self.total_steps = total_steps
         self.weight_version = 0
-        self.replicas: list[dict] = []
+        self.replicas: list[ReplicaStatus] = []
         self.message = ""
-        self.history: list[dict] = []
+        self.history: list[StepMetrics] = []
         self._resume = threading.Event()
         self._resume.set()
         self._checkpoints: list[concurrent.futures.Future] = []
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
 
     # --- written by the loop -------------------------------------------------
-    def set_phase(self, phase: str, message: str = "") -> None:
+    def set_phase(self, phase: Phase, message: str = "") -> None:
         with self._lock:
             self.phase, self.message = phase, message
 
-    def record(self, metrics: dict) -> None:
+    def set_replicas(self, replicas: list[ReplicaStatus]) -> None:
+        with self._lock:
+            self.replicas = list(replicas)
+
+    def record(self, metrics: StepMetrics) -> None:
         """One finished step: keep it and hand it to every WatchMetrics stream."""
         with self._lock:
-            self.step = metrics["step"]
             self.history.append(metrics)
+            self.weight_version = metrics.pushed_version
             watchers = list(self._watchers)
         for loop, queue in watchers:
             loop.call_soon_threadsafe(queue.put_nowait, metrics)
 
-    def finish(self, phase: str, message: str = "") -> None:
+    def finish(self, phase: Phase, message: str = "") -> None:
         self.set_phase(phase, message)
         with self._lock:
             watchers = list(self._watchers)
         for loop, queue in watchers:
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
-    def wait_if_paused(self, serve_checkpoints) -> None:
-        """Block while paused; checkpoint requests are still served meanwhile."""
-        if self._resume.is_set():
-            return
-        previous = self.phase
-        self.set_phase("PAUSED")
-        while not self._resume.wait(0.2):
-            serve_checkpoints()
-        self.set_phase(previous)
+    def checkpoint_requested(self) -> bool:
+        with self._lock:
+            return bool(self._checkpoints)
 
-    def take_checkpoint_requests(self) -> list[concurrent.futures.Future]:
+    def checkpoint_done(self, checkpoint: Checkpoint) -> None:
+        """Answer every request that came before this checkpoint: one checkpoint serves them all.
+        A request whose caller went away (a cancelled RPC) is skipped."""
         with self._lock:
             requests, self._checkpoints = self._checkpoints, []
-        return requests
+        for future in requests:
+            if future.set_running_or_notify_cancel():
+                future.set_result(checkpoint)
+
+    def wait_for_resume(self, timeout: float) -> bool:
+        return self._resume.wait(timeout)
 
     # --- called by the server -----------------------------------------------
     def pause(self) -> None:
@@ -72,7 +115,7 @@ class Control:
         return not self._resume.is_set()
 
     def request_checkpoint(self) -> concurrent.futures.Future:
-        """Resolved by the loop with (path, step) after the current step."""
+        """Resolved by the loop with a Checkpoint after the current step."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
             self._checkpoints.append(future)
@@ -84,7 +127,7 @@ class Control:
             if include_history:
                 for m in self.history:
                     queue.put_nowait(m)
-            if self.phase in ("FINISHED", "FAILED"):
+            if self.phase in (Phase.FINISHED, Phase.FAILED):
                 queue.put_nowait(None)
             self._watchers.append((asyncio.get_running_loop(), queue))
         return queue
@@ -93,9 +136,8 @@ class Control:
         with self._lock:
             self._watchers = [(l, q) for l, q in self._watchers if q is not queue]
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> Status:
         with self._lock:
-            return dict(phase=self.phase, step=self.step, total_steps=self.total_steps,
-                        weight_version=self.weight_version, replicas=list(self.replicas),
-                        last=self.history[-1] if self.history else None, paused=self.paused,
-                        message=self.message, time=time.time())
+            return Status(self.phase, self.history[-1].step if self.history else 0, self.total_steps,
+                          self.weight_version, list(self.replicas), self.history[-1] if self.history else None,
+                          self.paused, self.message)

@@ -1,4 +1,4 @@
-"""JSONL loading, train/eval split and batching shared by SFT and reward-model training.
+"""JSONL loading, train/eval split and batching shared by the training jobs.
 
 Every example is tokenized the way the services see it (services.common.text):
 format_prompt(prompt) and the response separately, EOS after the response.
@@ -96,29 +96,16 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Rand
     return batches
 
 
-def pick_device(device: str) -> torch.device:
-    """'auto' means CUDA when there is one."""
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "cosine", min_ratio: float = 0.1):
-    """Linear warmup, then cosine or linear decay to min_ratio of the peak learning rate."""
+    """Linear warmup, then cosine or linear decay to min_ratio of the peak learning rate (or constant)."""
     import math
 
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
         return min_ratio + (1 - min_ratio) * decay
     return f
-
-
-def disable_dropout(config) -> None:
-    """Zero every *dropout* probability in a transformers config: dropout makes the
-    logprobs of the same tokens differ between forward passes (bad for RLHF, no help at this size)."""
-    for key, value in list(vars(config).items()):
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)

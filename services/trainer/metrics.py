@@ -1,16 +1,53 @@
-"""Where a PPO step's numbers go: Prometheus, a JSONL log, and PNG plots at the end."""
+"""What a PPO step did (StepMetrics), and where it goes: Prometheus, a JSONL log, PNG plots."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 from prometheus_client import Counter, Gauge, Histogram
 
+
+@dataclasses.dataclass
+class StepMetrics:
+    """One finished step. Means are over the step's whole batch (all ranks)."""
+    step: int
+    weight_version: int  # the version the step's completions were sampled with
+    pushed_version: int  # the version the step pushed
+    time: float  # unix seconds at the end of the step
+    reward_mean: float  # mean score from the reward service, as returned
+    score_mean: float  # mean score after normalisation, clipping and the EOS penalty (what PPO optimises)
+    kl: float  # mean per-sequence KL(policy || reference), nats
+    entropy: float  # mean per-token policy entropy, nats
+    clip_fraction: float
+    approx_kl: float  # between the policy before and after the update
+    policy_loss: float
+    value_loss: float
+    beta: float  # KL coefficient used this step
+    tokens_per_second: float  # generated tokens per second of step wall time
+    logprob_gap: float  # mean |trainer logprob - sampler logprob| per token: engine mismatch or stale weights
+    completions: int  # trained on
+    completions_dropped: int  # sampled by other weights beyond services.max_staleness
+    completions_empty: int  # EOS at once: nothing to score
+    completions_trimmed: int  # cut so that the batch splits into whole minibatches
+    generated_tokens: int
+    missing_eos_share: float  # completions cut at max_tokens
+    response_length: float  # mean tokens per trained completion
+    replica_resyncs: int  # pushes so far that brought a restarted or stale replica back
+    trained_versions: list[int]  # weight versions of the completions trained on
+    prompts_sha: str  # of the step's prompts: resume repeats or skips none
+    phase_seconds: dict[str, float]  # generate, score, reference, train, push
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 STEP = Gauge("rlhf_trainer_step", "Last finished PPO step.")
+STEPS = Counter("rlhf_trainer_steps_total", "PPO steps finished by this process.")
 WEIGHT_VERSION = Gauge("rlhf_trainer_weight_version", "Weight version last pushed to the policy replicas.")
 REPLICAS_IN_SYNC = Gauge("rlhf_trainer_replicas_in_sync", "Policy replicas serving the trainer's weight version.")
 GAUGES = {key: Gauge(f"rlhf_trainer_{key}", help) for key, help in [
-    ("reward_mean", "Mean reward-model score of the step's completions."),
+    ("reward_mean", "Mean score of the step's completions, as the reward service returned it."),
     ("kl", "Mean per-sequence KL(policy || reference), nats."),
     ("entropy", "Mean per-token policy entropy, nats."),
     ("clip_fraction", "Share of tokens whose probability ratio was clipped."),
@@ -18,42 +55,50 @@ GAUGES = {key: Gauge(f"rlhf_trainer_{key}", help) for key, help in [
     ("policy_loss", "PPO clipped surrogate loss."),
     ("value_loss", "Clipped value loss."),
     ("beta", "KL coefficient."),
-    ("tokens_per_second", "Generated tokens per second of step wall time."),
     ("logprob_gap", "Mean |trainer logprob - policy service logprob| per token: engine mismatch or stale weights."),
 ]}
+GENERATED_TOKENS = Counter("rlhf_trainer_generated_tokens_total", "Tokens generated for the trainer (rate() gives tokens/s).")
 STEP_SECONDS = Histogram("rlhf_trainer_step_seconds", "Seconds per PPO step phase.", ["phase"],
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
-DROPPED = Counter("rlhf_trainer_completions_dropped_total", "Completions dropped because their weight version was off.")
+DROPPED = Counter("rlhf_trainer_completions_dropped_total", "Completions sampled but not trained on, by reason "
+                  "(stale: other weights; empty: nothing to score; trim: past the last whole minibatch).", ["reason"])
 RESYNCS = Counter("rlhf_trainer_replica_resyncs_total", "Pushes made to bring a restarted or stale replica back.")
+PUSHES = Counter("rlhf_trainer_weight_pushes_total", "Weight pushes to one replica, by result.", ["result"])
 
 
-def export(m: dict) -> None:
-    STEP.set(m["step"])
-    WEIGHT_VERSION.set(m["pushed_version"])
+def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
+    STEP.set(m.step)
+    STEPS.inc()
+    WEIGHT_VERSION.set(m.pushed_version)
+    REPLICAS_IN_SYNC.set(replicas_in_sync)
     for key, gauge in GAUGES.items():
-        gauge.set(m[key])
-    for phase, seconds in m["phase_seconds"].items():
+        gauge.set(getattr(m, key))
+    GENERATED_TOKENS.inc(m.generated_tokens)
+    for phase, seconds in m.phase_seconds.items():
         STEP_SECONDS.labels(phase).observe(seconds)
-    DROPPED.inc(m["completions_dropped"])
+    for reason, n in (("stale", m.completions_dropped), ("empty", m.completions_empty),
+                      ("trim", m.completions_trimmed)):
+        DROPPED.labels(reason).inc(n)
+    RESYNCS.inc(new_resyncs)
 
 
-def append_jsonl(path: pathlib.Path, m: dict) -> None:
+def append_jsonl(path: pathlib.Path, m: StepMetrics) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(m) + "\n")
+        f.write(json.dumps(m.to_json()) + "\n")
 
 
-def plot(history: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+def plot(history: list[StepMetrics], out: pathlib.Path) -> list[pathlib.Path]:
     """reward.png, kl.png, entropy.png, clip_fraction.png and phases.png from the step history."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [m["step"] for m in history]
+    steps = [m.step for m in history]
     paths = []
-    for key, label in [("reward_mean", "mean reward-model score"), ("kl", "KL(policy || SFT), nats / sequence"),
+    for key, label in [("reward_mean", "mean reward"), ("kl", "KL(policy || SFT), nats / sequence"),
                        ("entropy", "entropy, nats / token"), ("clip_fraction", "clip fraction")]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [m[key] for m in history], marker=".")
+        ax.plot(steps, [getattr(m, key) for m in history], marker=".")
         ax.set_xlabel("PPO step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -61,11 +106,11 @@ def plot(history: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
         paths.append(out / f"{key.replace('_mean', '')}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
-    phases = list(history[0]["phase_seconds"]) if history else []
+    phases = list(history[0].phase_seconds) if history else []
     fig, ax = plt.subplots(figsize=(6, 3.5))
     bottom = [0.0] * len(steps)
     for phase in phases:
-        values = [m["phase_seconds"].get(phase, 0.0) for m in history]
+        values = [m.phase_seconds.get(phase, 0.0) for m in history]
         ax.bar(steps, values, bottom=bottom, label=phase)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xlabel("PPO step")

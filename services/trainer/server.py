@@ -1,4 +1,4 @@
-"""TrainerService: status and control of the running PPO job, over gRPC."""
+"""TrainerService: status and control of the running PPO job, over gRPC (served by rank 0)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,25 +6,37 @@ import asyncio
 from google.protobuf import timestamp_pb2
 
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.control import Control
+from services.trainer.control import Control, Phase, Status
+from services.trainer.metrics import StepMetrics
+from services.trainer.rollout import ReplicaStatus
 
-PHASES = {name: trainer_pb2.Phase.Value(f"PHASE_{name}") for name in
-          ("STARTING", "SYNCING", "GENERATING", "SCORING", "REFERENCE", "TRAINING", "PUSHING", "PAUSED",
-           "CHECKPOINTING", "FINISHED", "FAILED", "WAITING")}
-NAMED = ("reward_mean", "kl", "entropy", "clip_fraction", "approx_kl", "policy_loss", "value_loss", "beta",
-         "tokens_per_second")
+# Built at import: a phase without its proto enum value fails here, not in a call.
+PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
+
+# StepMetrics fields without a field of their own in the message: they go to `extra`.
+EXTRA = ("pushed_version", "score_mean", "logprob_gap", "completions", "completions_dropped", "completions_empty",
+         "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs")
 
 
-def step_metrics(m: dict) -> trainer_pb2.StepMetrics:
-    msg = trainer_pb2.StepMetrics(step=m["step"], weight_version=m["weight_version"],
-                                  phase_seconds=m.get("phase_seconds", {}),
-                                  time=timestamp_pb2.Timestamp(seconds=int(m["time"]),
-                                                               nanos=int(m["time"] % 1 * 1e9)))
-    for key in NAMED:
-        setattr(msg, key, float(m.get(key, 0.0)))
-    msg.extra.update({k: float(v) for k, v in m.items()
-                      if k not in NAMED and isinstance(v, (int, float)) and k not in ("step", "weight_version", "time")})
-    return msg
+def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
+    return trainer_pb2.StepMetrics(
+        step=m.step, weight_version=m.weight_version, reward_mean=m.reward_mean, kl=m.kl, entropy=m.entropy,
+        clip_fraction=m.clip_fraction, approx_kl=m.approx_kl, policy_loss=m.policy_loss, value_loss=m.value_loss,
+        beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
+        extra={key: float(getattr(m, key)) for key in EXTRA},
+        time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)))
+
+
+def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
+    return trainer_pb2.ReplicaStatus(address=r.address, instance_id=r.instance_id, weight_version=r.weight_version,
+                                     in_sync=r.in_sync, available=r.available)
+
+
+def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
+    return trainer_pb2.TrainerStatus(
+        phase=PHASES[s.phase], step=s.step, total_steps=s.total_steps, weight_version=s.weight_version,
+        replicas=[replica_status(r) for r in s.replicas], replicas_in_sync=sum(r.in_sync for r in s.replicas),
+        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -42,29 +54,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def stop(self) -> None:
         pass
 
-    def _status(self) -> trainer_pb2.TrainerStatus:
-        s = self.control.snapshot()
-        replicas = [trainer_pb2.ReplicaStatus(**r) for r in s["replicas"]]
-        return trainer_pb2.TrainerStatus(
-            phase=PHASES.get(s["phase"], trainer_pb2.PHASE_UNSPECIFIED), step=s["step"],
-            total_steps=s["total_steps"], weight_version=s["weight_version"], replicas=replicas,
-            replicas_in_sync=sum(r.in_sync for r in replicas),
-            last_metrics=step_metrics(s["last"]) if s["last"] else None, paused=s["paused"], message=s["message"])
-
     async def GetStatus(self, request, context):
-        return self._status()
+        return trainer_status(self.control.snapshot())
 
     async def Pause(self, request, context):
         self.control.pause()
-        return self._status()
+        return trainer_status(self.control.snapshot())
 
     async def Resume(self, request, context):
         self.control.resume()
-        return self._status()
+        return trainer_status(self.control.snapshot())
 
     async def SaveCheckpoint(self, request, context):
-        path, step = await asyncio.wrap_future(self.control.request_checkpoint())
-        return trainer_pb2.SaveCheckpointResponse(path=str(path), step=step)
+        # Shielded: a caller that gives up (deadline, cancel) must not cancel the request the loop
+        # answers later; it is answered for the callers still waiting, and skipped for this one.
+        checkpoint = await asyncio.shield(asyncio.wrap_future(self.control.request_checkpoint()))
+        return trainer_pb2.SaveCheckpointResponse(path=str(checkpoint.path), step=checkpoint.step)
 
     async def WatchMetrics(self, request, context):
         queue = self.control.watch(request.include_history)

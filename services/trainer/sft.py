@@ -1,9 +1,10 @@
 """Supervised fine-tuning: the first stage of RLHF, and the reference policy of PPO.
 
-L_SFT = -sum_i log P(y_i | x, y_<i) over the response tokens (and the EOS that
-ends them); the prompt is context only (labels -100). Averaged per token.
+L_SFT = -sum_i log P(y_i | x, y_<i) over the response tokens (and the EOS that ends them); the
+prompt is context only (labels -100). Averaged per token.
 
     rlhf train sft --model models/policy --data data/sft.jsonl --out models/sft
+    torchrun --nproc-per-node 8 -m services.cli train sft --config sft.yaml
 """
 from __future__ import annotations
 
@@ -12,19 +13,17 @@ import json
 import logging
 import math
 import pathlib
-import random
 import time
 
 import torch
-from tqdm.auto import tqdm
 
 from services.trainer import data as D
+from services.trainer import distributed
+from services.trainer.config import ConfigError, SFTConfig
+from services.trainer.distributed import Dist
+from services.trainer.supervised import StepResult, evaluate, fit, run_job
 
 log = logging.getLogger(__name__)
-
-# Tuned on the demo data (3000 examples) and the tiny model trained from random
-# init: enough for well-formed answers of all three kinds in ~1-2 min on 2 CPU cores.
-DEFAULTS = dict(epochs=4.0, lr=3e-3, batch_size=32, max_length=256, warmup_ratio=0.05, weight_decay=0.0)
 
 
 def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -47,122 +46,73 @@ def _batch(examples, idx, pad_id, device):
     return ids.to(device), labels.to(device), attention_mask.to(device)
 
 
-@torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
-    """Per-token NLL of the responses in `examples` (nan when there are none)."""
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    for start in range(0, len(order), batch_size):
-        ids, labels, attn = _batch(examples, order[start:start + batch_size], pad_id, device)
-        nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
-        total, count = total + float(nll), count + n
-    model.train()
-    return total / count if count else float("nan")
+def train_sft(cfg: SFTConfig, d: Dist | None = None, progress: bool = True) -> dict:
+    """Fine-tune the causal LM cfg.model on cfg.data; write a Hugging Face directory to cfg.out.
+    Returns the metrics also written to out/training_meta.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-
-def train_sft(model_dir, data_path, out_dir, *, epochs: float | None = None, lr: float | None = None,
-              batch_size: int | None = None, max_length: int | None = None, eval_fraction: float = 0.1,
-              seed: int = 0, device: str = "cpu", warmup_ratio: float | None = None,
-              schedule: str = "cosine", progress: bool = True) -> dict:
-    """Fine-tune the causal LM in model_dir on prompt/response JSONL; write a HF directory to out_dir.
-
-    Returns the metrics also written to out_dir/training_meta.json.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    epochs = DEFAULTS["epochs"] if epochs is None else epochs
-    lr = DEFAULTS["lr"] if lr is None else lr
-    batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
-    max_length = DEFAULTS["max_length"] if max_length is None else max_length
-    warmup_ratio = DEFAULTS["warmup_ratio"] if warmup_ratio is None else warmup_ratio
-    for name, value in (("epochs", epochs), ("lr", lr), ("batch_size", batch_size), ("max_length", max_length)):
-        if not value > 0:
-            raise D.InvalidArgument(f"{name} must be > 0, got {value}")
+    d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
     t0 = time.monotonic()
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    device = D.pick_device(device)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.eos_token_id is None:
-        raise D.InvalidArgument(f"the tokenizer in {model_dir} has no EOS token: a response could never end")
+        raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token: a response could never end")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    config = AutoConfig.from_pretrained(model_dir)
-    D.disable_dropout(config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).to(device)
-    model.train()
 
-    rows = D.read_jsonl(data_path, ("prompt", "response"))
-    train_rows, eval_rows = D.split_train_eval(rows, eval_fraction, seed)
-    encoded = [D.encode_sft(tokenizer, r["prompt"], r["response"], max_length) for r in train_rows]
+    rows = D.read_jsonl(cfg.data, ("prompt", "response"))
+    train_rows, eval_rows = D.split_train_eval(rows, cfg.eval_fraction, cfg.seed)
+    encoded = [D.encode_sft(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
     truncated = sum(t for _, _, t in encoded)
     if truncated:
         log.warning("%d of %d training examples are longer than max_length %d and were cut",
-                    truncated, len(encoded), max_length)
+                    truncated, len(encoded), cfg.max_length)
     train = [(ids, labels) for ids, labels, _ in encoded]
-    evalset = [D.encode_sft(tokenizer, r["prompt"], r["response"], max_length)[:2] for r in eval_rows]
+    evalset = [D.encode_sft(tokenizer, r["prompt"], r["response"], cfg.max_length)[:2] for r in eval_rows]
 
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95),
-                                  weight_decay=DEFAULTS["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, D.lr_lambda(max(1, round(warmup_ratio * total_steps)), total_steps, schedule))
-    log.info("SFT: %d train / %d eval examples, %d steps (%.2f epochs x %d), batch %d, lr %g, device %s",
-             len(train), len(evalset), total_steps, epochs, steps_per_epoch, batch_size, lr, device)
-
-    lengths = [len(ids) for ids, _ in train]
+    model = distributed.load_model(AutoModelForCausalLM, cfg.model, d)
+    # Divide by a constant, not by a batch's token count: batches are grouped by length, and a
+    # per-batch mean would weight the tokens of short answers far more than those of long ones
+    # (the model would then over-produce short answers).
     tokens_per_example = sum(sum(l != D.IGNORE_INDEX for l in labels[1:]) for _, labels in train) / len(train)
-    step, train_loss = 0, None  # train_loss: moving average of the per-token loss, for the bar and the log
-    bar = tqdm(total=total_steps, desc="sft", disable=not progress)
-    while step < total_steps:
-        for idx in D.length_grouped_batches(lengths, batch_size, rng):
-            if step >= total_steps:
-                break
-            ids, labels, attn = _batch(train, idx, pad_id, device)
-            nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
-            # Divide by a constant, not by this batch's token count: batches are grouped by
-            # length, and a per-batch mean would weight the tokens of short answers far more
-            # than those of long ones (the model would then over-produce short answers).
-            (nll / (len(idx) * tokens_per_example)).backward()
-            loss = nll.detach() / max(n, 1)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            train_loss = float(loss) if train_loss is None else 0.95 * train_loss + 0.05 * float(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-    bar.close()
-    eval_loss = evaluate(model, evalset, batch_size, pad_id, device) if evalset else None
-    log.info("SFT done: train loss %.4f, eval loss %s (%.1f s)", train_loss, eval_loss, time.monotonic() - t0)
 
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval()
+    def step(rows: list[int], batch_size: int) -> StepResult:
+        ids, labels, attn = _batch(train, rows, pad_id, d.device)
+        nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
+        return StepResult(nll * d.world_size / (batch_size * tokens_per_example), {"nll": nll.item(), "tokens": n})
+
+    def eval_forward(rows: list[int]) -> dict[str, float]:
+        ids, labels, attn = _batch(evalset, rows, pad_id, d.device)
+        nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
+        return {"nll": nll.item(), "tokens": n}
+
+    trained = fit(model, cfg, d, lengths=[len(ids) for ids, _ in train], step=step, desc="sft",
+                  show=lambda s: {"loss": s["nll"] / max(s["tokens"], 1)})
+    eval_loss = None
+    if evalset:
+        totals = evaluate(model, sorted(range(len(evalset)), key=lambda i: len(evalset[i][0])), cfg.batch_size, d,
+                          eval_forward)
+        eval_loss = totals["nll"] / totals["tokens"] if totals.get("tokens") else None
+    log.info("SFT done: train loss %.4f, eval loss %s (%.1f s)", trained.get("train_loss", float("nan")), eval_loss,
+             time.monotonic() - t0)
+
+    out = pathlib.Path(cfg.out)
     model.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
         bos_token_id=getattr(model.generation_config, "bos_token_id", None))
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    distributed.export_hf(model, tokenizer, out, d)
     meta = {
-        "base_model": str(model_dir), "data": str(data_path), "train_examples": len(train),
-        "eval_examples": len(evalset), "truncated_examples": truncated, "epochs": epochs, "steps": total_steps,
-        "lr": lr, "batch_size": batch_size, "max_length": max_length, "schedule": schedule,
-        "warmup_ratio": warmup_ratio, "seed": seed, "train_loss": train_loss, "eval_loss": eval_loss,
+        "base_model": str(cfg.model), "data": str(cfg.data), "train_examples": len(train),
+        "eval_examples": len(evalset), "truncated_examples": truncated, "epochs": cfg.epochs,
+        "steps": trained["steps"], "lr": cfg.lr, "batch_size": cfg.batch_size, "max_length": cfg.max_length,
+        "schedule": cfg.schedule, "warmup_ratio": cfg.warmup_ratio, "seed": cfg.seed,
+        "train_loss": trained.get("train_loss"), "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
-        "seconds": round(time.monotonic() - t0, 1), "device": str(device),
+        "seconds": round(time.monotonic() - t0, 1), "device": str(d.device), "world_size": d.world_size,
     }
-    (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if d.main:
+        (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 
 def main(args: argparse.Namespace) -> int:
-    meta = train_sft(args.model, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                     max_length=args.max_length, eval_fraction=args.eval_fraction, seed=args.seed,
-                     device=args.device)
-    print(json.dumps({k: meta[k] for k in ("steps", "train_loss", "eval_loss", "seconds")}))
-    print(f"saved to {args.out}")
-    return 0
+    return run_job(args, SFTConfig, train_sft, "sft", ("steps", "train_loss", "eval_loss", "seconds"))

@@ -1,51 +1,98 @@
-"""A checkpoint restores optimizer, scheduler, RNG, data position and KL controller exactly."""
+"""Checkpoints: everything restored, LATEST always names a complete checkpoint, a step saved
+twice is written once."""
 from __future__ import annotations
 
-import json
-import random
+import threading
 
-import numpy as np
+import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.trainer import checkpoint
-from services.trainer.loop import Prompts
-from services.trainer.ppo import AdaptiveKLController
+from services.trainer import checkpoint, distributed
 
 
-def test_roundtrip_restores_everything(tmp_path, tiny_policy_dir, tiny_reward_dir):
-    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
-    value = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
-    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    policy(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+@pytest.fixture(scope="module")
+def d():
+    return distributed.init("cpu", "float32")
+
+
+@pytest.fixture
+def trained(d, tiny_policy_dir):
+    model = distributed.load_model(AutoModelForCausalLM, tiny_policy_dir, d)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(input_ids=torch.tensor([[5, 6, 7]])).logits.sum().backward()
     opt.step()
-    kl = AdaptiveKLController(0.1, 6.0, 100)
-    kl.update(9.0, 16)
-    prompts_file = tmp_path / "prompts.jsonl"
-    prompts_file.write_text("".join(json.dumps({"prompt": f"p{i}", "split": "train"}) + "\n" for i in range(10)))
-    prompts = Prompts(str(prompts_file), seed=3)
-    prompts.next(7)
+    return model, opt
 
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    path = checkpoint.save(tmp_path / "run", 4, policy=policy, value=value, tokenizer=tokenizer,
-                           state=dict(opt=opt.state_dict(), kl_ctl=kl.state_dict(), prompts=prompts.state_dict()))
-    expected = (random.random(), np.random.rand(), torch.rand(1).item(), prompts.next(5))
-    random.seed(99), np.random.seed(99), torch.manual_seed(99)
 
-    assert checkpoint.latest(tmp_path / "run") == path
-    state = checkpoint.load_state(path)
-    restored = Prompts(str(prompts_file), seed=3)
-    restored.load_state_dict(state["prompts"])
-    assert (random.random(), np.random.rand(), torch.rand(1).item(), restored.next(5)) == expected
-    assert state["step"] == 4
-    kl2 = AdaptiveKLController(1.0, 1.0, 1)
-    kl2.load_state_dict(state["kl_ctl"])
-    assert kl2.value == kl.value and kl2.target == 6.0
-    opt2 = torch.optim.AdamW(AutoModelForCausalLM.from_pretrained(path / "policy").parameters(), lr=1e-3)
-    opt2.load_state_dict(state["opt"])
-    for a, b in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
-    reloaded = AutoModelForCausalLM.from_pretrained(path / "policy")
-    for (n, a), b in zip(policy.state_dict().items(), reloaded.state_dict().values()):
-        assert torch.equal(a, b), n
+def save(out, step, d, trained, tokenizer, state=None):
+    model, opt = trained
+    return checkpoint.save(out, step, d, trained={"policy": (model, opt)}, state=state or {"marker": step},
+                           export=lambda path: distributed.export_hf(model, tokenizer, path, d))
+
+
+def test_roundtrip_restores_model_optimizer_and_state(tmp_path, d, trained, tiny_policy_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    path = save(tmp_path, 4, d, trained, tokenizer, {"kl": 0.5})
+    assert checkpoint.latest(tmp_path) == path and path.name == "step-000004"
+
+    fresh = distributed.load_model(AutoModelForCausalLM, tiny_policy_dir, d)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = checkpoint.load(path, d, trained={"policy": (fresh, fresh_opt)})
+    assert state == {"kl": 0.5, "step": 4}
+    model, opt = trained
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a.full_tensor(), b.full_tensor()), name
+    for a, b in zip(opt.state.values(), fresh_opt.state.values()):
+        assert torch.equal(a["exp_avg"].full_tensor(), b["exp_avg"].full_tensor())
+        assert torch.equal(a["exp_avg_sq"].full_tensor(), b["exp_avg_sq"].full_tensor())
+    # The policy/ directory is a Hugging Face model that loads on its own, with the same weights.
+    served = AutoModelForCausalLM.from_pretrained(path / "policy")
+    for name, p in model.named_parameters():
+        assert torch.equal(served.get_parameter(name), p.full_tensor()), name
+
+
+def test_a_step_saved_again_is_not_written_again(tmp_path, d, trained, tiny_policy_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    first = save(tmp_path, 3, d, trained, tokenizer)
+    written = (first / "state.pt").stat().st_mtime_ns
+    for _ in range(5):
+        assert save(tmp_path, 3, d, trained, tokenizer) == first
+    assert (first / "state.pt").stat().st_mtime_ns == written
+    assert sorted(p.name for p in checkpoint.root(tmp_path).iterdir()) == ["LATEST", "step-000003"]
+
+
+def test_latest_always_names_a_complete_checkpoint_while_saving(tmp_path, d, trained, tiny_policy_dir):
+    """A reader polling LATEST (a resume after a crash at any moment) never finds nothing and never
+    a directory missing a part, while steps are saved, saved again, and replaced."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_policy_dir)
+    save(tmp_path, 1, d, trained, tokenizer)
+    seen, bad, done = set(), [], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            path = checkpoint.latest(tmp_path)
+            if path is None or not all((path / part).exists() for part in ("state.pt", "shards/.metadata",
+                                                                            "policy/config.json")):
+                bad.append(path)
+            else:
+                seen.add(path.name)
+
+    reader = threading.Thread(target=poll)
+    reader.start()
+    try:
+        for step in (2, 2, 3, 3, 3, 4):
+            save(tmp_path, step, d, trained, tokenizer)
+        # A stale step-000006 from an earlier life of the run (died before LATEST moved): replaced whole.
+        stale = save(tmp_path, 6, d, trained, tokenizer)
+        (checkpoint.root(tmp_path) / "LATEST.new").write_text("step-000004")
+        (checkpoint.root(tmp_path) / "LATEST.new").rename(checkpoint.root(tmp_path) / "LATEST")
+        (stale / "stale-marker").write_text("old")
+        assert save(tmp_path, 6, d, trained, tokenizer) == stale and not (stale / "stale-marker").exists()
+    finally:
+        done.set()
+        reader.join()
+    assert not bad, bad
+    assert {"step-000001", "step-000004", "step-000006"} <= seen
+    names = sorted(p.name for p in checkpoint.root(tmp_path).iterdir())
+    assert names == ["LATEST", "step-000004", "step-000006"]  # keep=2, no temporary left

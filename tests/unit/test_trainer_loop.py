@@ -1,15 +1,22 @@
-"""The trainer's batch layout, prompt order and config handling."""
+"""The trainer's batch layout, prompt order and configuration."""
 from __future__ import annotations
 
-import argparse
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from services.trainer import config as config_mod
-from services.trainer.loop import Prompts, make_batch, policy_forward, value_forward
+from services.trainer.config import Config, ConfigError, RMConfig, SFTConfig, load
+from services.trainer.experience import Batch, Sample, policy_forward, value_forward
+from services.trainer.loop import Prompts
+
+
+def sample(prompt_ids, response_ids) -> Sample:
+    return Sample("p", prompt_ids, response_ids, "r", [0.0] * len(response_ids), "eos", 1, 0.0)
 
 
 def test_left_padded_batch_gives_each_sequence_its_unpadded_logprobs_and_values(tiny_policy_dir, tiny_reward_dir):
@@ -17,8 +24,9 @@ def test_left_padded_batch_gives_each_sequence_its_unpadded_logprobs_and_values(
     value = AutoModelForSequenceClassification.from_pretrained(tiny_reward_dir).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     responses = [[20, 21], [22, 23, 24, 25]]
-    batch = make_batch(prompts, responses, pad_id=policy.config.pad_token_id)
-    assert batch["response_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    batch = Batch.of([sample(p, r) for p, r in zip(prompts, responses)], pad_id=policy.config.pad_token_id)
+    assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.prompt_width == 5 and len(batch) == 2
     with torch.no_grad():
         logprobs, _ = policy_forward(policy, batch, temperature=1.0)
         values = value_forward(value, batch)
@@ -30,6 +38,9 @@ def test_left_padded_batch_gives_each_sequence_its_unpadded_logprobs_and_values(
             hidden = value.base_model(input_ids=ids).last_hidden_state
             expected_v = value.score(hidden[0, len(p) - 1:-1]).squeeze(-1)
             torch.testing.assert_close(values[row, :len(r)], expected_v, atol=1e-5, rtol=1e-5)
+        # A subset of rows keeps the global widths, so each row computes the same numbers.
+        half = batch.rows([1])
+        torch.testing.assert_close(policy_forward(policy, half, 1.0)[0], logprobs[1:2])
 
 
 def test_prompts_are_seeded_cover_an_epoch_and_resume_from_their_position(tmp_path):
@@ -47,28 +58,71 @@ def test_prompts_are_seeded_cover_an_epoch_and_resume_from_their_position(tmp_pa
     assert Prompts(str(path), seed=2).next(10) != Prompts(str(path), seed=1).next(10)
 
 
-def _args(tmp_path, **kw) -> argparse.Namespace:
-    base = dict(config=None, set=[], policy_addresses=None, reward_address=None, sft_model=None, reward_model=None,
-                prompts=None, out=None, steps=None)
-    return argparse.Namespace(**{**base, **kw})
+REQUIRED = ["policy_addresses=[a:1]", "reward_address=r:2", "sft_model=s", "reward_model=m", "prompts=p"]
 
 
 def test_config_file_then_set_then_flags(tmp_path):
     file = tmp_path / "ppo.yaml"
     file.write_text("policy_addresses: [a:1]\nreward_address: r:2\nsft_model: s\nreward_model: rm\nprompts: p\n"
-                    "steps: 5\nppo: {beta: 0.1, kl_estimator: k1}\n")
-    config = config_mod.load(_args(tmp_path, config=str(file), set=["ppo.beta=0.2", "ppo.kl_estimator=k3"], steps=7,
-                                   policy_addresses=["x:1", "y:2"]))
+                    "steps: 5\nppo: {beta: 0.1, kl_estimator: k1, lr: 3e-6}\n")
+    config = load(Config, str(file), ["ppo.beta=0.2", "ppo.kl_estimator=k3"], {"steps": 7,
+                                                                              "policy_addresses": ["x:1", "y:2"]})
     assert (config.ppo.beta, config.ppo.kl_estimator, config.steps) == (0.2, "k3", 7)
     assert config.policy_addresses == ["x:1", "y:2"] and config.reward_address == "r:2"
+    assert config.ppo.lr == 3e-6  # YAML 1.1 reads "3e-6" as a string; the config reads it as the number it is
 
 
 @pytest.mark.parametrize("override, message", [
-    ("ppo.betta=1", "unknown config key 'ppo.betta'"),
-    ("ppo.kl_estimator=k2", "kl_estimator must be k1 or k3"),
+    ("ppo.betta=1", "ppo.betta: Extra inputs are not permitted"),
+    ("ppo.kl_estimator=k2", "ppo.kl_estimator: Input should be 'k1' or 'k3'"),
     ("rollout.batch_size=10", "multiple of ppo.minibatch_size"),
+    ("steps=abc", "steps: Input should be a valid integer"),
+    ("ppo.lr=-1", "ppo.lr: Input should be greater than 0"),
+    ("rollout.temperature=3", "rollout.temperature: Input should be less than or equal to 2"),
+    ("services=7", "services: Input should be a valid dictionary"),
 ])
-def test_config_errors_name_the_key(tmp_path, override, message):
-    with pytest.raises(SystemExit, match=message):
-        config_mod.load(_args(tmp_path, set=[override, "policy_addresses=[a:1]", "reward_address=r", "sft_model=s",
-                                             "reward_model=m", "prompts=p"]))
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load(Config, None, [override, *REQUIRED])
+
+
+def test_a_missing_key_is_named():
+    with pytest.raises(ConfigError, match="reward_address is required"):
+        load(Config, None, [s for s in REQUIRED if not s.startswith("reward_address")])
+    with pytest.raises(ConfigError, match="model is required"):
+        load(SFTConfig, None, ["data=d", "out=o"])
+
+
+def test_defaults_are_for_real_models():
+    """The library's defaults are the peers' (TRL, OpenRLHF) for real checkpoints; the demo keeps
+    its tiny-model values to itself."""
+    assert load(SFTConfig, None, ["model=m", "data=d", "out=o"]).lr == 1e-5
+    assert load(RMConfig, None, ["model=m", "data=d", "out=o"]).lr == 1e-5
+    assert load(Config, None, REQUIRED).ppo.lr == 1e-6
+
+
+@pytest.mark.parametrize("job, args, key", [
+    ("ppo", ["--set", "steps=abc"], "steps"),
+    ("ppo", ["--set", "ppo.clip=0"], "ppo.clip"),
+    ("sft", ["--set", "epochs=-1", "--model", "m", "--data", "d", "--out", "o"], "epochs"),
+    ("rm", ["--set", "unknown_key=1", "--model", "m", "--data", "d", "--out", "o"], "unknown_key"),
+])
+def test_a_bad_config_exits_2_naming_the_key_before_any_model_loads(tmp_path, job, args, key):
+    extra = [] if job != "ppo" else ["--policy", "a:1", "--reward", "r:2", "--sft-model", str(tmp_path / "nothing"),
+                                     "--reward-model", "m", "--prompts", "p"]
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "services.cli", "train", job, *extra, *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert f"{key}:" in result.stderr and "invalid config" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.monotonic() - start < 60  # no model was loaded (there is none at these paths anyway)
+
+
+def test_print_config_shows_every_default(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "services.cli", "train", "ppo", "--print-config", *sum(
+        (["--set", s] for s in REQUIRED), [])], capture_output=True, text=True, timeout=120, check=True)
+    import yaml
+    printed = yaml.safe_load(result.stdout)
+    assert printed["ppo"]["clip"] == 0.2 and printed["rollout"]["batch_size"] == 64
+    assert Config.model_validate(printed) == load(Config, None, REQUIRED)

@@ -8,7 +8,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.reward import model as rm
-from services.reward.training import bradley_terry_loss, noise_ceiling
+from services.trainer.rm import bradley_terry_loss, noise_ceiling
 from services.trainer import data as D
 from services.trainer.sft import sft_nll
 
@@ -58,6 +58,7 @@ def test_bradley_terry_loss_by_hand():
     # -log sigmoid(d) = log(1 + exp(-d)) for margins 1, 0, -2
     expected = (math.log(1 + math.exp(-1)) + math.log(2) + math.log(1 + math.exp(2))) / 3
     assert bradley_terry_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    assert bradley_terry_loss(chosen, rejected, "sum").item() == pytest.approx(expected * len(chosen), rel=1e-6)
 
 
 def test_fit_truncation_modes():
@@ -171,8 +172,19 @@ def test_noise_ceiling_from_meta_or_flags(tmp_path):
     assert noise_ceiling(tmp_path / "other" / "prefs.jsonl", [{}]) is None
 
 
-def test_disable_dropout():
-    from transformers import LlamaConfig
-    config = LlamaConfig(attention_dropout=0.3)
-    D.disable_dropout(config)
-    assert config.attention_dropout == 0.0
+def test_models_load_with_dropout_off(tmp_path, tiny_policy_dir):
+    """Dropout would make the trainer's logprobs of the same tokens differ between two passes."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from services.trainer import distributed
+    d = tmp_path / "m"
+    shutil.copytree(tiny_policy_dir, d)
+    config = AutoConfig.from_pretrained(d)
+    config.attention_dropout = 0.3
+    config.save_pretrained(d)
+    model = distributed.load_model(AutoModelForCausalLM, d, distributed.init("cpu", "float32"))
+    assert model.config.attention_dropout == 0.0 and model.training
+    frozen = distributed.load_model(AutoModelForCausalLM, d, distributed.init("cpu", "float32"), trainable=False)
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())

@@ -1,0 +1,321 @@
+"""The trainer's engine: one process per device on torch.distributed, models sharded with FSDP2.
+
+Every training job (SFT, reward model, PPO) runs through here, under `torchrun` or as a plain
+process. A plain process is a group of one, so the single-device path is the same code as the
+multi-node one:
+
+    torchrun --nproc-per-node 8 --nnodes 2 ... -m services.cli train ppo --config ppo.yaml
+
+- devices: `cuda:LOCAL_RANK` with NCCL on GPU nodes, the CPU with gloo elsewhere (tests run here);
+- sharding: `fully_shard` on every decoder layer, then on the root (ZeRO-3: a rank holds 1/N of the
+  parameters, gradients and AdamW moments; one layer's full parameters exist at a time);
+- precision: bf16 compute with fp32 parameters, reductions and optimizer state where asked for;
+- the gathers: one parameter at a time for a weight push (`full_parameters`), a full state dict on
+  rank 0 for a Hugging Face export;
+- collectives on Python objects for the small things the ranks must agree on (a step's samples,
+  a stop flag, an error on one rank that all must raise).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process sits: its rank among world_size, its device, the compute dtype."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    dtype: torch.dtype  # the dtype models compute in; parameters and optimizer state stay fp32
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 talks to ops: TrainerService, metrics, logs, pushes, exports."""
+        return self.rank == 0
+
+    def rows(self, n: int) -> list[int]:
+        """This rank's rows of a global batch of n: every world_size-th, starting at its rank."""
+        return list(range(self.rank, n, self.world_size))
+
+
+def init(device: str = "auto", dtype: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join the process group torchrun describes in the environment, or make a group of one.
+
+    The timeout bounds how long a rank waits for the others in one collective: longer than a
+    step's slowest phase (a dependency may be retried for services.dependency_deadline_s), shorter
+    than a hung job is worth. A rank that dies is noticed at once (its sockets close), not after it.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for but torch sees no CUDA device")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+    else:
+        torch_device = torch.device("cpu")
+
+    if dtype == "auto":
+        dtype = "bfloat16" if use_cuda and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun (or the Kubeflow operator through it)
+            dist.init_process_group(backend, timeout=timeout, device_id=torch_device if use_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, DTYPES[dtype])
+
+
+def close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+def load_model(cls, path, d: Dist, *, trainable: bool = True, **config_kwargs) -> torch.nn.Module:
+    """A Hugging Face model from `path`, sharded over the ranks, on this rank's device.
+
+    Only rank 0 reads the checkpoint; the others build the model with parameters on the meta
+    device (no memory) and receive their shards from rank 0. Eight ranks of a node loading a 70B
+    checkpoint each would need eight copies of it in host memory.
+
+    Trainable models keep fp32 parameters (the optimizer's master copy) and compute in d.dtype;
+    a frozen model (the reference) is stored in d.dtype outright: it has no optimizer to feed.
+    Dropout is off: it would make the trainer's logprobs of a token differ between two passes.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    store_dtype = torch.float32 if trainable else d.dtype
+    if d.main:
+        model = cls.from_pretrained(path, config=config, dtype=store_dtype)
+    else:
+        with meta_parameters():
+            model = cls.from_config(config, dtype=store_dtype)
+    model.train(trainable).requires_grad_(trainable)
+    # Buffers that no checkpoint holds (rotary frequencies) were computed at construction:
+    # keep them across to_empty, which leaves memory uninitialised.
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    full = model.state_dict() if d.main and d.world_size > 1 else {}  # taken before sharding replaces them
+    shard(model, d, trainable=trainable)
+    if d.world_size > 1:
+        if not d.main:
+            model.to_empty(device=d.device)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+    return model
+
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Build modules with parameters on the meta device and buffers for real.
+
+    A parameter already on meta is kept as it is, so that tying (the LM head taking the
+    embedding's parameter) still ties the two.
+    """
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def shard(model: torch.nn.Module, d: Dist, *, trainable: bool = True) -> torch.nn.Module:
+    """FSDP2 over every decoder layer, then the root.
+
+    A sequence classifier (the reward and value models) also gets its backbone and its head as
+    units of their own: the value model calls them one after the other (a value per position),
+    not through the root's forward, and each unit gathers its parameters in its own forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = None
+    if trainable and d.dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=d.dtype, reduce_dtype=torch.float32)
+    # fully_shard moves each unit to the mesh's device as it shards it: one layer in full at a time.
+    kwargs = {"mesh": _mesh(d.device.type, d.world_size), **({"mp_policy": mp} if mp else {})}
+    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): cannot shard it")
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    head = getattr(model, "score", None)
+    if head is not None and getattr(model, "base_model", model) is not model:
+        fully_shard(model.base_model, **kwargs)
+        fully_shard(head, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@functools.cache
+def _mesh(device_type: str, world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (world_size,))
+
+
+def local_bytes(*objects) -> int:
+    """Bytes this rank holds of the given models' parameters and gradients and the given
+    optimizers' state: what sharding divides by the world size."""
+    total = 0
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            for p in obj.parameters():
+                local = p.to_local() if isinstance(p, DTensor) else p
+                total += local.numel() * local.element_size()
+                if p.grad is not None:
+                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                    total += g.numel() * g.element_size()
+        elif isinstance(obj, torch.optim.Optimizer):
+            for state in obj.state.values():
+                for v in state.values():
+                    if torch.is_tensor(v):
+                        v = v.to_local() if isinstance(v, DTensor) else v
+                        total += v.numel() * v.element_size()
+    return total
+
+
+def full_parameters(model: torch.nn.Module, d: Dist) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, full tensor on rank 0's CPU | None elsewhere), one parameter at a time.
+
+    Every rank must run this to the end (each parameter is an all-gather). Tied parameters come
+    once, under their first name (the input embedding), as the policy server expects.
+    """
+    for name, p in model.named_parameters():
+        full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
+        yield name, (full.to("cpu") if d.main else None)
+        del full
+
+
+def parameter_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, global shape) in full_parameters order, known without gathering anything."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out: pathlib.Path, d: Dist) -> None:
+    """A Hugging Face directory of `model` written by rank 0 (config, safetensors, tokenizer):
+    what a policy server loads. The full state dict is gathered to rank 0's CPU for this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # A tied head gathers as a tensor of its own; named_parameters() lists the tie once, and the
+    # config's tie_word_embeddings rebuilds it on load.
+    keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    state = {name: t for name, t in state.items() if name in keep}
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+    del state
+    dist.barrier()
+
+
+# ---- agreeing on things ----------------------------------------------------------------------
+
+def all_gather_object(obj: T) -> list[T]:
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T, d: Dist) -> T:
+    """Rank 0's `obj` on every rank."""
+    box = [obj if d.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_max(flags: list[bool], d: Dist) -> list[bool]:
+    """Element-wise: true on every rank where it is true on any."""
+    t = torch.tensor([int(bool(f)) for f in flags], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def all_sum(values: list[float], d: Dist) -> list[float]:
+    """Element-wise sums over the ranks, in float64 so that counts stay exact."""
+    t = torch.tensor(values, dtype=torch.float64, device=d.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed in the same collective step; every rank raises the same error."""
+
+
+def agree(work: Callable[[], T], d: Dist, catch: tuple[type[BaseException], ...]) -> list[T]:
+    """Run `work()` on every rank and gather the results; when it raised one of `catch` on any
+    rank, every rank raises it (the first rank's, re-raised as its own type when it can be built
+    from a message). Without this, one rank leaves for its error path while the others wait for
+    it in the next collective until the timeout."""
+    try:
+        result: Any = ("ok", work())
+    except catch as e:
+        result = ("error", type(e), str(e), d.rank)
+    results = all_gather_object(result)
+    for r in results:
+        if r[0] == "error":
+            _, cls, message, rank = r
+            try:
+                error = cls(message if rank == d.rank else f"rank {rank}: {message}")
+            except TypeError:
+                error = RankFailed(f"rank {rank}: {cls.__name__}: {message}")
+            raise error
+    return [r[1] for r in results]
+
+
+def interleave(parts: list[list[T]]) -> list[T]:
+    """Undo Dist.rows: parts[r] holds rows r, r + W, r + 2W, ... of the global list."""
+    out: list = []
+    for i in range(max(map(len, parts), default=0)):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
+
+
+def gather_rows(local: torch.Tensor, d: Dist) -> torch.Tensor:
+    """The global [n, ...] tensor from each rank's Dist.rows(n) slice (equal sizes on all ranks)."""
+    if d.world_size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(d.world_size)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.stack(parts, dim=1).reshape(-1, *local.shape[1:])

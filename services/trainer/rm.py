@@ -1,0 +1,171 @@
+"""Reward-model training on preference pairs (Bradley-Terry), the second stage of RLHF.
+
+P(chosen > rejected | x) = sigmoid(R(x, chosen) - R(x, rejected)), so the loss is
+-log sigmoid(R(x, y_c) - R(x, y_r)) (Ouyang et al. 2022, eq. 1). Only score differences are
+learned: the mean and std of the scores over the training responses are recorded so the
+reward service can return normalised rewards.
+
+The trainer runs this job (the reward service only serves); it pools and encodes a pair with
+services.reward.model, as the service does, so a pair scores the same in both.
+
+    rlhf train rm --model models/reward --data data/prefs.jsonl --out models/rm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+from services.common.errors import InvalidArgument
+from services.reward import model as rm
+from services.trainer import distributed
+from services.trainer.config import ConfigError, RMConfig
+from services.trainer.data import read_jsonl, split_train_eval
+from services.trainer.distributed import Dist
+from services.trainer.supervised import StepResult, evaluate, fit, run_job
+
+log = logging.getLogger(__name__)
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """-log sigmoid(R_c - R_r) over pairs, averaged or summed (logsigmoid is the stable form)."""
+    losses = -F.logsigmoid(chosen - rejected)
+    return losses.sum() if reduction == "sum" else losses.mean()
+
+
+def _encode_pairs(tokenizer, rows, max_length):
+    """[(chosen_ids, rejected_ids)] and the rows kept; a response that cannot fit even alone is dropped."""
+    pairs, kept, dropped = [], [], 0
+    for row in rows:
+        try:
+            c, _ = rm.encode(tokenizer, row["prompt"], row["chosen"], max_length, "keep_end_of_prompt")
+            r, _ = rm.encode(tokenizer, row["prompt"], row["rejected"], max_length, "keep_end_of_prompt")
+        except InvalidArgument:
+            dropped += 1
+            continue
+        pairs.append((c, r))
+        kept.append(row)
+    if dropped:
+        log.warning("%d pairs have a response longer than max_length %d and were dropped", dropped, max_length)
+    return pairs, kept
+
+
+def _pair_rewards(model, pairs, idx, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_chosen, R_rejected) for the pairs at idx, in one forward pass."""
+    seqs = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
+    input_ids, attention_mask = rm.pad_batch(seqs, pad_id, device)
+    r = rm.rewards(model, input_ids, attention_mask)
+    return r[: len(idx)], r[len(idx):]
+
+
+def noise_ceiling(data_path, rows) -> float | None:
+    """The best accuracy reachable against noisy labels: 1 - flip rate.
+
+    From meta.json next to the data when it says, else from the rows' "flipped" field; None if neither.
+    """
+    meta = pathlib.Path(data_path).parent / "meta.json"
+    if meta.is_file():
+        try:
+            value = json.loads(meta.read_text(encoding="utf-8")).get("noise_ceiling")
+            if value is not None:
+                return float(value)
+        except (json.JSONDecodeError, ValueError):
+            pass
+    flags = [r["flipped"] for r in rows if isinstance(r.get("flipped"), bool)]
+    return 1.0 - sum(flags) / len(flags) if flags else None
+
+
+def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
+    """Train the sequence classifier cfg.model on cfg.data; write a Hugging Face directory to cfg.out.
+    Returns the metrics also written to out/reward_meta.json."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
+    t0 = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    rows = read_jsonl(cfg.data, ("prompt", "chosen", "rejected"))
+    train_rows, eval_rows = split_train_eval(rows, cfg.eval_fraction, cfg.seed)
+    train, train_rows = _encode_pairs(tokenizer, train_rows, cfg.max_length)
+    evalset, eval_rows = _encode_pairs(tokenizer, eval_rows, cfg.max_length)
+    if not train:
+        raise InvalidArgument(f"no pair of {cfg.data} fits max_length {cfg.max_length}")
+
+    model = distributed.load_model(AutoModelForSequenceClassification, cfg.model, d, num_labels=1,
+                                   pad_token_id=pad_id)
+
+    def step(rows: list[int], batch_size: int) -> StepResult:
+        chosen, rejected = _pair_rewards(model, train, rows, pad_id, d.device)
+        loss = bradley_terry_loss(chosen, rejected, "sum")
+        return StepResult(loss * d.world_size / batch_size, {"loss": loss.item(), "pairs": len(rows),
+                                                             "correct": (chosen > rejected).sum().item()})
+
+    trained = fit(model, cfg, d, lengths=[max(len(c), len(r)) for c, r in train], step=step, desc="reward",
+                  show=lambda s: {"loss": s["loss"] / s["pairs"], "acc": s["correct"] / s["pairs"]})
+
+    # Held-out accuracy (a tie counts half), and against the raters' true preference where the
+    # data says which labels were flipped: how well the ranking itself was learned.
+    flips = [r.get("flipped") for r in eval_rows]
+    known_flips = bool(evalset) and all(isinstance(f, bool) for f in flips)
+
+    def eval_forward(rows: list[int]) -> dict[str, float]:
+        c, r = _pair_rewards(model, evalset, rows, pad_id, d.device)
+        margin = c - r
+        out = {"loss": float(bradley_terry_loss(c, r, "sum")), "pairs": len(rows),
+               "correct": float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum())}
+        if known_flips:
+            flipped = torch.tensor([flips[i] for i in rows], device=margin.device)
+            out["clean"] = float(((margin > 0) != flipped).sum())
+        return out
+
+    ev = evaluate(model, range(len(evalset)), cfg.batch_size, d, eval_forward) if evalset else {}
+    metrics = {"eval_loss": ev["loss"] / ev["pairs"] if ev else None,
+               "eval_accuracy": ev["correct"] / ev["pairs"] if ev else None,
+               "noise_ceiling": noise_ceiling(cfg.data, rows)}
+    if known_flips:
+        metrics["eval_accuracy_clean"] = ev["clean"] / ev["pairs"]
+        metrics["eval_noise_ceiling"] = 1.0 - sum(flips) / len(flips)
+
+    # Score statistics over the training responses, for the service's normalised rewards.
+    responses = [s for pair in train for s in pair]
+
+    def score_forward(rows: list[int]) -> dict[str, float]:
+        ids, mask = rm.pad_batch([responses[i] for i in rows], pad_id, d.device)
+        r = rm.rewards(model, ids, mask).double()
+        return {"n": len(rows), "sum": r.sum().item(), "sumsq": (r * r).sum().item()}
+
+    s = evaluate(model, sorted(range(len(responses)), key=lambda i: len(responses[i])), 2 * cfg.batch_size, d,
+                 score_forward)
+    score_mean = s["sum"] / s["n"]
+    score_std = ((s["sumsq"] - s["n"] * score_mean ** 2) / max(s["n"] - 1, 1)) ** 0.5 if s["n"] > 1 else 1.0
+    seconds = round(time.monotonic() - t0, 1)
+    log.info("RM done: eval accuracy %s (noise ceiling %s), eval loss %s, score mean %.3f std %.3f (%.1f s)",
+             metrics["eval_accuracy"], metrics["noise_ceiling"], metrics["eval_loss"], score_mean, score_std, seconds)
+
+    out = pathlib.Path(cfg.out)
+    distributed.export_hf(model, tokenizer, out, d)
+    meta = {
+        "base_model": str(cfg.model), "data": str(cfg.data), "train_pairs": len(train), "eval_pairs": len(evalset),
+        "epochs": cfg.epochs, "steps": trained["steps"], "lr": cfg.lr, "batch_size": cfg.batch_size,
+        "seed": cfg.seed, **metrics, "train_loss": trained.get("train_loss"), "score_mean": score_mean,
+        "score_std": score_std, "max_length": cfg.max_length, "seconds": seconds, "device": str(d.device),
+        "world_size": d.world_size,
+    }
+    if d.main:
+        (out / rm.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_job(args, RMConfig, train_reward_model, "rm", ("steps", "eval_accuracy", "noise_ceiling",
+                                                             "eval_accuracy_clean", "score_mean", "score_std",
+                                                             "seconds"))
