@@ -32,7 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 
 MAIN = ["overlays/gpu", "overlays/cpu", "overlays/gpu-multinode"]
-PREPARE = ["overlays/gpu/prepare", "overlays/cpu/prepare"]
+PREPARE = ["overlays/gpu/prepare", "overlays/cpu/prepare", "overlays/gpu-multinode/prepare"]
 STAGES = MAIN + PREPARE
 
 WORKLOADS = ("Deployment", "StatefulSet", "Job", "DaemonSet", "PyTorchJob")
@@ -83,13 +83,14 @@ def one(docs: list[dict], kind: str, name: str) -> dict:
 
 @dataclasses.dataclass
 class Pod:
-    """One pod a workload runs: its spec, its labels and the environment a controller adds."""
+    """One pod a workload runs: its spec, its labels, and what a controller adds to it."""
     owner: dict
     role: str  # "" for a Deployment's or Job's pod; "Master"/"Worker" (and the index) for a PyTorchJob's
     index: int
     spec: dict
     labels: dict
     added_env: dict
+    added_init_containers: list = dataclasses.field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -125,13 +126,20 @@ def pytorchjob_pods(job: dict) -> list[Pod]:
             if role == "Master":
                 labels[f"{OPERATOR_GROUP}/job-role"] = "master"
             node_rank = index + (role == "Worker")
+            # A Worker waits for the Master's DNS name in an init container the
+            # operator adds (pkg/controller.v1/pytorch/initcontainer.go), as is:
+            # no securityContext of its own.
+            waiter = [{"name": "init-pytorch", "image": "alpine:3.10", "imagePullPolicy": "IfNotPresent",
+                       "resources": {"limits": {"cpu": "100m", "memory": "20Mi"},
+                                     "requests": {"cpu": "50m", "memory": "10Mi"}},
+                       "command": ["sh", "-c", f"... nslookup {name}-master-0 ..."]}] if role == "Worker" else []
             env = {"PYTHONUNBUFFERED": "1",
                    "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
                    "MASTER_ADDR": f"{name}-master-0", "PET_MASTER_ADDR": f"{name}-master-0",
                    "WORLD_SIZE": str(nodes * (int(nproc) if nproc.isdigit() else 1)),
                    "RANK": str(node_rank), "PET_NODE_RANK": str(node_rank),
                    "PET_NPROC_PER_NODE": nproc, "PET_NNODES": str(nodes)}
-            pods.append(Pod(job, role, index, spec["template"]["spec"], labels, env))
+            pods.append(Pod(job, role, index, spec["template"]["spec"], labels, env, waiter))
     return pods
 
 

@@ -143,24 +143,27 @@ def test_pods_refer_only_to_objects_that_exist(stage):
 
 
 def test_both_stages_of_an_overlay_agree_on_what_they_share():
-    """Applying prepare and then the overlay must not change what prepare made:
-    the namespace, the service account and the models volume are the same
-    objects, and every trainer pod of both stages gets the same hardware."""
-    for hardware in ("gpu", "cpu"):
-        main, prep = render(f"overlays/{hardware}"), render(f"overlays/{hardware}/prepare")
+    """Applying prepare and then the overlay (or the other way round, later) must
+    not change what the other made: the namespace (with its Pod Security
+    Standard), the service account and the models volume are the same objects,
+    and every single-GPU trainer pod of both stages gets the same hardware."""
+    for overlay in ("gpu", "cpu", "gpu-multinode"):
+        main, prep = render(f"overlays/{overlay}"), render(f"overlays/{overlay}/prepare")
         for kind, name in [("Namespace", "rlhf"), ("ServiceAccount", "rlhf"), ("PersistentVolumeClaim", "rlhf-models")]:
-            assert one(main, kind, name) == one(prep, kind, name), f"{hardware}: {kind} {name} differs"
+            assert one(main, kind, name) == one(prep, kind, name), f"{overlay}: {kind} {name} differs"
+        if overlay == "gpu-multinode":
+            # Its SFT and RM Jobs are the gpu overlay's (one GPU each); only the namespace differs.
+            gpu_prep = render("overlays/gpu/prepare")
+            assert [d for d in prep if d["kind"] != "Namespace"] == [d for d in gpu_prep if d["kind"] != "Namespace"]
+            continue
         ppo = pod(main, "rlhf-trainer")
         for job in ("rlhf-sft", "rlhf-rm"):
             trainer = pod(prep, job)
             for key in ("nodeSelector", "tolerations", "securityContext", "serviceAccountName"):
-                assert trainer.spec.get(key) == ppo.spec.get(key), f"{hardware}: {job} {key}"
-            assert trainer.main["resources"] == ppo.main["resources"], f"{hardware}: {job} resources"
-            assert trainer.main["image"] == ppo.main["image"], f"{hardware}: {job} image"
-            assert env_of(trainer.main) == env_of(ppo.main), f"{hardware}: {job} env"
-    # The multi-node overlay runs on the gpu overlay's volume.
-    assert one(render("overlays/gpu-multinode"), "PersistentVolumeClaim", "rlhf-models") == \
-        one(render("overlays/gpu/prepare"), "PersistentVolumeClaim", "rlhf-models")
+                assert trainer.spec.get(key) == ppo.spec.get(key), f"{overlay}: {job} {key}"
+            assert trainer.main["resources"] == ppo.main["resources"], f"{overlay}: {job} resources"
+            assert trainer.main["image"] == ppo.main["image"], f"{overlay}: {job} image"
+            assert env_of(trainer.main) == env_of(ppo.main), f"{overlay}: {job} env"
 
 
 # ---------------------------------------------------------------- containers
@@ -341,6 +344,66 @@ def test_security_contexts(stage):
                         f"{where}: {var}={env[var]} is not on a writable volume"
             if kind_of(c) != "shell":  # a shell loop writes nothing
                 assert "HOME" in env and "XDG_CACHE_HOME" in env, where
+
+
+# The Pod Security Standards' checks these pods could trip
+# (kubernetes.io/docs/concepts/security/pod-security-standards).
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def pss_violations(spec: dict, containers: list[dict], level: str) -> list[str]:
+    pod_sc = spec.get("securityContext", {})
+    out = []
+    if spec.get("hostNetwork") or spec.get("hostPID") or spec.get("hostIPC"):
+        out.append("host namespaces")
+    for v in spec.get("volumes", []):
+        kinds = set(v) - {"name"}
+        if "hostPath" in kinds or (level == "restricted" and not kinds <= RESTRICTED_VOLUMES):
+            out.append(f"volume {v['name']} {kinds}")
+    for c in containers:
+        sc = c.get("securityContext", {})
+        caps = sc.get("capabilities", {})
+        if sc.get("privileged") or set(caps.get("add", [])) - BASELINE_CAPABILITIES:
+            out.append(f"{c['name']}: privileged or capabilities")
+        if any("hostPort" in q for q in c.get("ports", [])):
+            out.append(f"{c['name']}: hostPort")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp == "Unconfined" or (level == "restricted" and seccomp not in ("RuntimeDefault", "Localhost")):
+            out.append(f"{c['name']}: seccomp {seccomp}")
+        if level == "restricted":
+            if sc.get("allowPrivilegeEscalation") is not False:
+                out.append(f"{c['name']}: allowPrivilegeEscalation != false")
+            if caps.get("drop") != ["ALL"] or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+                out.append(f"{c['name']}: capabilities not drop ALL")
+            if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) or sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+                out.append(f"{c['name']}: may run as root")
+    return out
+
+
+def test_the_namespace_admits_every_pod_it_will_get(stage):
+    """The namespace enforces a Pod Security Standard; each pod, with what a
+    controller adds to it (the training operator's init container in Workers),
+    must pass it, or the controller's pod is refused and the job never starts."""
+    name, docs = stage
+    level = one(docs, "Namespace", "rlhf")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    assert level in ("restricted", "baseline"), level
+    for p in pods(docs):
+        bad = pss_violations(p.spec, p.containers + p.added_init_containers, level)
+        assert not bad, f"{name}: {p.name} breaks the {level} standard the namespace enforces: {bad}"
+        # Ours meet `restricted` wherever it runs; only what the operator adds may need less.
+        assert not pss_violations(p.spec, p.containers, "restricted"), p.name
+    if "gpu-multinode" not in name:
+        assert level == "restricted", f"{name}: nothing here needs less than restricted"
+
+
+def test_the_pod_security_check_catches_what_restricted_forbids():
+    # The control for the test above: the operator's init container is refused by restricted.
+    worker = next(p for p in pods(render("overlays/gpu-multinode")) if p.role == "Worker")
+    assert pss_violations(worker.spec, worker.added_init_containers, "restricted")
+    assert not pss_violations(worker.spec, worker.added_init_containers, "baseline")
 
 
 # ---------------------------------------------------------------- auth
