@@ -611,3 +611,15 @@ def test_metrics_ports_are_open_to_prometheus_alone(main_stage):
                 peers = rule["from"]
                 assert peers and all(set(peer) == {"podSelector"} for peer in peers), n["metadata"]["name"]
                 assert all(peer["podSelector"]["matchLabels"].items() <= p.labels.items() for peer in peers)
+
+
+def test_the_paths_docs_deploy_names_exist():
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    named = set(re.findall(r"(deploy/(?:k8s|docker)/[\w./-]*\w)", doc))
+    assert len(named) >= 10
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"docs/deploy.md names paths that do not exist: {missing}"
+    # Every stage is there, and the commands apply stages that exist.
+    assert not [stage for stage in STAGES if stage not in doc]
+    for applied in re.findall(r"kubectl (?:apply|delete) -k deploy/k8s/([\w/-]+)", doc):
+        assert applied in STAGES, applied
