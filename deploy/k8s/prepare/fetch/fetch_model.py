@@ -169,7 +169,7 @@ def fetch(source: str, dest: pathlib.Path) -> bool:
         got = get(source, tmp)
         if not got.exists():
             raise BadSource(f"{source}: the download holds no {got.relative_to(tmp)}")
-        os.rename(got, dest)  # the whole copy appears at once; fails if dest appeared meanwhile
+        os.rename(got, dest)  # the whole copy appears at once (a folder: refused if dest appeared meanwhile)
     finally:
         remove(tmp)
     log(f"{source} -> {dest} in {time.monotonic() - start:.0f} s")
