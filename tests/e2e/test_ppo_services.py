@@ -2,109 +2,24 @@
 trainer killed and resumed, and TrainerService control. Real servers, real vLLM (CPU)."""
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import signal
-import subprocess
 import time
 
 import grpc
 import pytest
-import yaml
 
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.demo.launch import ChildServer, free_port, rlhf_command
+from services.demo.launch import free_port
 from services.policy.client import PolicyClient
 
+from ppo_harness import (AUTH, policy_server, read_metrics, requests_served, reward_server, start_trainer,
+                         wait_for, write_config)
+
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
-TOKEN = "e2e-token"
-ENV = {"RLHF_AUTH_TOKEN": TOKEN, "VLLM_CPU_KVCACHE_SPACE": "1"}
-AUTH = ClientConfig(auth_token=TOKEN)
 STEPS = 8
-
-
-def policy_server(model_dir, log_dir: pathlib.Path, port: int | None = None) -> ChildServer:
-    port = port or free_port()
-    metrics = free_port()
-    server = ChildServer(rlhf_command("serve", "policy", "--model", str(model_dir), "--host", "127.0.0.1",
-                                      "--port", str(port), "--metrics-port", str(metrics), "--kv-cache-gib", "1"),
-                         port=port, service="rlhf.v1.PolicyService", env=ENV,
-                         log_path=log_dir / f"policy-{port}.log")
-    server.metrics_port = metrics
-    return server
-
-
-def reward_server(model_dir, log_path: pathlib.Path, port: int | None = None) -> ChildServer:
-    port = port or free_port()
-    return ChildServer(rlhf_command("serve", "reward", "--model", str(model_dir), "--host", "127.0.0.1",
-                                    "--port", str(port), "--metrics-port", "0"),
-                       port=port, service="rlhf.v1.RewardService", env=ENV, log_path=log_path)
-
-
-@pytest.fixture(scope="module")
-def stack(tiny_policy_dir, tiny_reward_dir, tmp_path_factory):
-    """A reward service and two policy replicas, shared by the tests of this module."""
-    from services.demo.data import write_demo_data
-    logs = tmp_path_factory.mktemp("logs")
-    data = write_demo_data(tmp_path_factory.mktemp("data"), seed=0, num_sft=30, num_prefs=30, num_prompts=200)
-    reward = reward_server(tiny_reward_dir, logs / "reward.log")
-    replicas = [policy_server(tiny_policy_dir, logs), policy_server(tiny_policy_dir, logs)]
-    servers = [reward, *replicas]
-    try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready()
-        yield dict(reward=reward, replicas=replicas, prompts=data["prompts"], logs=logs,
-                   policy_dir=tiny_policy_dir, reward_dir=tiny_reward_dir)
-    finally:
-        for s in servers + [r for r in replicas if r not in servers]:
-            s.terminate()
-
-
-def write_config(path: pathlib.Path, stack: dict, out: pathlib.Path, steps: int, deadline_s: float = 240,
-                 **extra) -> pathlib.Path:
-    config = dict(policy_addresses=[r.address for r in stack["replicas"]], reward_address=stack["reward"].address,
-                  sft_model=str(stack["policy_dir"]), reward_model=str(stack["reward_dir"]),
-                  prompts=str(stack["prompts"]), out=str(out), steps=steps, seed=0,
-                  rollout=dict(batch_size=16, max_tokens=16), ppo=dict(epochs=1, minibatch_size=8, lr=1e-4),
-                  services=dict(dependency_deadline_s=deadline_s, retry_max_s=2.0), **extra)
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def start_trainer(config: pathlib.Path, log: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(rlhf_command("train", "ppo", "--config", str(config), "--host", "127.0.0.1",
-                                         "--port", str(port), "--metrics-port", "0", *extra),
-                            env={**os.environ, **ENV}, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-    return proc, port
-
-
-def read_metrics(out: pathlib.Path) -> list[dict]:
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (value := predicate()):
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"trainer exited with {proc.returncode} while waiting for {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def requests_served(server: ChildServer) -> float:
-    import urllib.request
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("grpc_server_started_total{") and 'grpc_method="Generate"' in line)
 
 
 def test_two_replicas_survive_kill_9_and_trainer_service_controls_the_run(stack, tmp_path):
