@@ -1,39 +1,47 @@
-"""PPO step time by phase, and the share of it spent in RPC and serialization.
+"""PPO step time by phase, memory per rank, and the share of a step spent in RPC, for trainer
+variants side by side against the same live services.
 
-    python bench/ppo.py [--steps 6] [--json]
+    python bench/ppo.py                         # one rank: phases and the RPC+serialization share
+    python bench/ppo.py --nproc 1,2             # sharding: 1 rank vs 2 ranks on the same global batch
+    python bench/ppo.py --nproc 1,8 --device cuda --hidden-size 2048 --num-layers 16   # on a GPU node
 
-Runs the trainer in this process against real policy and reward services (child processes)
-at the demo's scale (64 prompts x 64 tokens, the tiny model). The servers' own
-grpc_server_handling_seconds tell how long each RPC spent inside the server; what the
-trainer waited beyond that is transport, and the protobuf encode/decode of the same
-messages is timed here on both ends. A weight push counts whole as RPC (an upper bound:
-an in-process trainer would also have to copy the weights into the engine).
+Each variant is a real `rlhf train ppo` process (under torchrun for N > 1) against one policy and
+one reward service started here (child processes), on the demo's scale by default (64 prompts x
+64 tokens). Every variant runs 1 warm-up step (first push, caches) and --steps measured steps;
+the table compares each variant with the first one.
+
+Per rank: `state bytes` are the parameters, gradients and AdamW moments of the policy and the
+value model that the rank holds (what FSDP2 shards), `peak RSS` its VmHWM (the torch runtime's
+few hundred MB included). Targets of the sharding issue, on this 2-core machine: state bytes at
+N = 2 <= 0.55 x N = 1; step time at N = 2 <= 1.25 x N = 1 (the cores are shared, so no speed-up is
+expected: the point is that sharding costs little).
+
+The RPC share (of the single-variant run): the servers' grpc_server_handling_seconds tell how
+long each RPC spent inside the server; what the trainer waited beyond that is transport; the
+protobuf encode/decode of the same messages is timed here; a push counts whole as RPC.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import pathlib
+import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+import yaml
+
 
 def handling_seconds(metrics_port: int) -> dict[str, float]:
-    """Seconds spent inside the server per gRPC method, plus the reward service's forward
-    passes ("forward": their seconds, "batches": their count)."""
+    """Seconds spent inside the server per gRPC method."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        value = float(line.rsplit(" ", 1)[-1]) if line and not line.startswith("#") else 0.0
         if line.startswith("grpc_server_handling_seconds_sum{"):
             method = line.split('grpc_method="')[1].split('"')[0]
-            out[method] = out.get(method, 0.0) + value
-        elif line.startswith("rlhf_reward_inference_seconds_sum"):
-            out["forward"] = value
-        elif line.startswith("rlhf_reward_inference_seconds_count"):
-            out["batches"] = value
+            out[method] = out.get(method, 0.0) + float(line.rsplit(" ", 1)[-1])
     return out
 
 
@@ -45,80 +53,143 @@ def codec_seconds(message, repeat: int = 20) -> float:
     return (time.perf_counter() - start) / repeat
 
 
+def serialization_seconds(batch: int, tokens: int) -> float:
+    """Protobuf encode/decode of one step's Generate and Score messages, at their real sizes, both ends."""
+    from rlhf.v1 import common_pb2, policy_pb2, reward_pb2
+    completion = policy_pb2.Completion(token_ids=list(range(tokens)), logprobs=[-1.5] * tokens, text="x" * 4 * tokens)
+    prompt = common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=list(range(20))))
+    messages = [
+        policy_pb2.GenerateRequest(prompts=[prompt] * batch),
+        policy_pb2.GenerateResponse(results=[policy_pb2.PromptResult(prompt_token_ids=list(range(20)),
+                                                                     completions=[completion])] * batch),
+        reward_pb2.ScoreRequest(pairs=[reward_pb2.ScorePair(prompt={"text": "q" * 60},
+                                                            response={"text": "x" * 4 * tokens})] * batch),
+        reward_pb2.ScoreResponse(results=[reward_pb2.ScoreResult(score=1.0)] * batch),
+    ]
+    return 2 * sum(codec_seconds(m) for m in messages)
+
+
+def run_variant(name: str, config: dict, nproc: int, work: pathlib.Path, pin: str | None = None) -> dict:
+    """One trainer process (or torchrun of nproc ranks) for the config; its measured steps and ranks."""
+    out = work / name
+    config = {**config, "out": str(out)}
+    path = work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = ["train", "ppo", "--config", str(path), "--port", "0", "--metrics-port", "0"]
+    command = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "services.cli",
+                *args] if nproc > 1 else [sys.executable, "-m", "services.cli", *args])
+    if pin:
+        command = ["taskset", "-c", pin, *command]
+    start = time.perf_counter()
+    with open(work / f"{name}.log", "wb") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"variant {name} failed ({code}); see {work / f'{name}.log'}")
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"history": history[1:], "ranks": json.loads((out / "ranks.json").read_text()),
+            "wall_seconds": time.perf_counter() - start}
+
+
+def summary(variant: dict) -> dict[str, float]:
+    history = variant["history"]
+    n = len(history)
+    phases = {p: sum(h["phase_seconds"].get(p, 0.0) for h in history) / n for p in history[0]["phase_seconds"]}
+    ranks = variant["ranks"]
+    return {
+        **{f"{p} (s/step)": v for p, v in phases.items()},
+        "step (s/step)": sum(phases.values()),
+        "state bytes per rank (MB, max)": max(r["state_bytes"] for r in ranks) / 1e6,
+        "peak RSS per rank (MB, max)": max(r.get("peak_rss_bytes", 0) for r in ranks) / 1e6,
+        **({"CUDA peak per rank (MB, max)": max(r["cuda_peak_bytes"] for r in ranks) / 1e6}
+           if "cuda_peak_bytes" in ranks[0] else {}),
+        "generated tokens per step": sum(h["generated_tokens"] for h in history) / n,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="measured steps (one more warms up)")
+    parser.add_argument("--steps", type=int, default=6, help="measured steps per variant (one more warms up)")
+    parser.add_argument("--nproc", default="1", help="comma-separated rank counts to compare, e.g. 1,2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--hidden-size", type=int, default=128, help="of the policy and value models built here")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64, help="prompts per step (over all ranks)")
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from rlhf.v1 import common_pb2, policy_pb2, reward_pb2
-    from services.common.config import ClientConfig
-    from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo.data import write_demo_data
-    from services.demo.pipeline import ppo_config
+    from services.demo.launch import ChildServer, free_port, rlhf_command
+    from services.demo.pipeline import PPO
     from services.demo.tiny_model import build_model
-    from services.trainer.loop import train
 
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench-ppo-"))
-    models = tmp / "models"
-    build_model("policy", models / "sft")
-    build_model("reward", models / "reward")
-    data = write_demo_data(tmp / "data", num_sft=10, num_prefs=10, num_prompts=500)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-ppo-"))
+    models = work / "models"
+    size = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, num_heads=max(2, args.hidden_size // 64),
+                intermediate_size=2 * args.hidden_size)
+    build_model("policy", models / "sft", **size)
+    build_model("reward", models / "reward", **size)
+    data = write_demo_data(work / "data", num_sft=10, num_prefs=10, num_prompts=2000)
     ports = {name: (free_port(), free_port()) for name in ("policy", "reward")}
     policy = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"), "--host", "127.0.0.1",
                                       "--port", str(ports["policy"][0]), "--metrics-port", str(ports["policy"][1]),
                                       "--kv-cache-gib", "1"),
-                         port=ports["policy"][0], service="rlhf.v1.PolicyService", log_path=tmp / "policy.log",
+                         port=ports["policy"][0], service="rlhf.v1.PolicyService", log_path=work / "policy.log",
                          env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     reward = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"), "--host", "127.0.0.1",
                                       "--port", str(ports["reward"][0]), "--metrics-port", str(ports["reward"][1])),
-                         port=ports["reward"][0], service="rlhf.v1.RewardService", log_path=tmp / "reward.log")
+                         port=ports["reward"][0], service="rlhf.v1.RewardService", log_path=work / "reward.log")
+    base = dict(policy_addresses=[policy.address], reward_address=reward.address, sft_model=str(models / "sft"),
+                reward_model=str(models / "reward"), prompts=str(data["prompts"]), steps=1 + args.steps, seed=0,
+                checkpoint_every=0, device=args.device, dtype=args.dtype,
+                rollout={**PPO["rollout"], "batch_size": args.batch, "max_tokens": args.max_tokens},
+                ppo={**PPO["ppo"], "beta": 0.05})
+    variants: dict[str, dict] = {}
     with policy, reward:
-        config = ppo_config(tmp / "run", policy=policy.address, reward=reward.address, models=models,
-                            prompts=data["prompts"], steps=1, seed=0, beta=0.05)
-        train(config, ClientConfig(), handle_signals=False)  # warm-up step (first push, caches)
-        before = {n: handling_seconds(m) for n, (_, m) in ports.items()}
-        config.steps = 1 + args.steps
-        config.out = str(tmp / "run")
-        history = train(config, ClientConfig(), resume=True, handle_signals=False)[-args.steps:]
-        after = {n: handling_seconds(m) for n, (_, m) in ports.items()}
+        for nproc in (int(n) for n in args.nproc.split(",")):
+            before = {n: handling_seconds(m) for n, (_, m) in ports.items()}
+            variant = run_variant(f"nproc{nproc}", base, nproc, work)
+            after = {n: handling_seconds(m) for n, (_, m) in ports.items()}
+            # Server time of all 1 + steps steps, scaled to the measured ones.
+            scale = args.steps / (1 + args.steps)
+            variant["inside"] = {f"{n}.{m}": scale * (after[n].get(m, 0.0) - before[n].get(m, 0.0))
+                                 for n in after for m in after[n]}
+            variants[f"{nproc} rank{'s' if nproc > 1 else ''}"] = variant
 
-    inside = {f"{n}.{m}": after[n].get(m, 0.0) - before[n].get(m, 0.0) for n in after for m in after[n]}
-    phases = {p: sum(h["phase_seconds"][p] for h in history) for p in history[0]["phase_seconds"]}
-    step_total = sum(sum(h["phase_seconds"].values()) for h in history)
+    rows = {name: summary(v) for name, v in variants.items()}
+    names = list(rows)
+    first = rows[names[0]]
+    result = {"variants": rows, "ratios": {}}
+    for name in names[1:]:
+        result["ratios"][name] = {
+            "step time vs " + names[0]: rows[name]["step (s/step)"] / first["step (s/step)"],
+            "state bytes per rank vs " + names[0]: rows[name]["state bytes per rank (MB, max)"] /
+            first["state bytes per rank (MB, max)"],
+            "peak RSS per rank vs " + names[0]: rows[name]["peak RSS per rank (MB, max)"] /
+            first["peak RSS per rank (MB, max)"],
+        }
+    one = variants[names[0]]
+    steps = len(one["history"])
+    rpc = (max(first["generate (s/step)"] - one["inside"].get("policy.Generate", 0.0) / steps, 0.0)
+           + max(first["score (s/step)"] - one["inside"].get("reward.Score", 0.0) / steps, 0.0)
+           + first["push (s/step)"] + serialization_seconds(args.batch, args.max_tokens))
+    result["rpc_share"] = rpc / first["step (s/step)"]
 
-    # Protobuf encode/decode of one step's messages, at their real sizes.
-    batch, tokens = config.rollout.batch_size, config.rollout.max_tokens
-    completion = policy_pb2.Completion(token_ids=list(range(tokens)), logprobs=[-1.5] * tokens, text="x" * 4 * tokens)
-    gen_request = policy_pb2.GenerateRequest(prompts=[common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=list(range(20))))] * batch)
-    gen_reply = policy_pb2.GenerateResponse(results=[policy_pb2.PromptResult(prompt_token_ids=list(range(20)),
-                                                                              completions=[completion])] * batch)
-    score_request = reward_pb2.ScoreRequest(pairs=[reward_pb2.ScorePair(prompt={"text": "q" * 60},
-                                                                        response={"text": "x" * 4 * tokens})] * batch)
-    score_reply = reward_pb2.ScoreResponse(results=[reward_pb2.ScoreResult(score=1.0)] * batch)
-    codec = 2 * sum(codec_seconds(m) for m in (gen_request, gen_reply, score_request, score_reply)) * len(history)
-
-    rpc = {
-        "generate": max(phases["generate"] - inside.get("policy.Generate", 0.0), 0.0),
-        "score": max(phases["score"] - inside.get("reward.Score", 0.0), 0.0),
-        "push": phases["push"],
-        "protobuf encode/decode": codec,
-    }
-    share = sum(rpc.values()) / step_total
-    rows = [(f"{p} (s/step)", phases[p] / len(history)) for p in phases]
-    rows += [("  of score: reward model forward passes (s/step)", inside.get("reward.forward", 0.0) / len(history)),
-             ("  of score: forward passes per step", inside.get("reward.batches", 0.0) / len(history))]
-    rows += [("step total (s/step)", step_total / len(history))]
-    rows += [(f"RPC+serialization in {k} (s/step)", v / len(history)) for k, v in rpc.items()]
-    rows += [("RPC+serialization share of a step", share), ("target share", 0.10)]
     if args.json:
-        print(json.dumps(dict(rows)))
-    else:
-        print(f"PPO at demo scale: {batch} prompts x {tokens} tokens, {len(history)} measured steps\n")
-        print(f"{'quantity':48s} {'value':>10s}")
-        for name, value in rows:
-            print(f"{name:48s} {value:10.4f}")
-    return 0 if share <= 0.10 else 1
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"PPO: {args.batch} prompts x {args.max_tokens} tokens, model hidden {args.hidden_size} x "
+          f"{args.num_layers} layers, {args.device}, {args.steps} measured steps per variant\n")
+    print(f"{'quantity':40s}" + "".join(f"{n:>14s}" for n in names))
+    for key in first:
+        print(f"{key:40s}" + "".join(f"{rows[n].get(key, float('nan')):14.4f}" for n in names))
+    for name, ratios in result["ratios"].items():
+        print()
+        for key, value in ratios.items():
+            print(f"{name + ': ' + key:60s} {value:8.3f}")
+    print(f"\nRPC+serialization share of a step ({names[0]}): {result['rpc_share']:.3f} (target <= 0.10)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -214,6 +214,20 @@ def local_bytes(*objects) -> int:
     return total
 
 
+def memory_report(d: Dist, *objects) -> dict:
+    """This rank's memory: what it holds of the given models and optimizers, its peak resident
+    set (VmHWM, Linux) and, on GPUs, the peak the CUDA allocator handed out."""
+    report = {"rank": d.rank, "world_size": d.world_size, "device": str(d.device), "state_bytes": local_bytes(*objects)}
+    try:
+        with open("/proc/self/status") as f:
+            report["peak_rss_bytes"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    if d.device.type == "cuda":
+        report["cuda_peak_bytes"] = torch.cuda.max_memory_allocated(d.device)
+    return report
+
+
 def full_parameters(model: torch.nn.Module, d: Dist) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, full tensor on rank 0's CPU | None elsewhere), one parameter at a time.
 

@@ -160,17 +160,7 @@ def collect(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: S
                     top_p=config.rollout.top_p, logprobs=True)
 
     with phase(seconds, Phase.GENERATING, control):
-        results: list = [None] * len(mine)
-        todo, waits = list(range(len(mine))), None
-        while True:
-            failed = distributed.agree(lambda: replicas.generate(prompt_ids, sampling, todo, results), d,
-                                       (RequestRefused,))
-            todo = failed[d.rank]
-            if not any(failed):
-                break
-            # A replica failed: resync (it may have restarted) after a backoff, then retry its share.
-            waits = waits or replicas.backoff.waits("policy replicas")
-            sync(waits)
+        results = replicas.generate_all(prompt_ids, sampling, sync)
 
     # Never train on completions from other weights, and an empty answer has nothing to score:
     # both leave the batch here, counted.
@@ -449,6 +439,10 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         progress.close()
         save()
         done = state.step >= config.steps
+        ranks = distributed.all_gather_object(distributed.memory_report(
+            d, state.policy, state.value, state.policy_opt, state.value_opt))
+        if d.main:
+            (out / "ranks.json").write_text(json.dumps(ranks, indent=2))
         if d.main and state.history:
             metrics.plot(state.history, out)
         control.finish(Phase.FINISHED if done else Phase.FAILED, "" if done else "stopped by signal")

@@ -119,6 +119,8 @@ class Replica:
     instance_id: str = ""
     weight_version: int = -1
     available: bool = False
+    failures: int = 0  # Generate failures in a row
+    retry_at: float = 0.0  # monotonic time before which a failing replica gets no work
 
     def in_sync(self, version: int) -> bool:
         return self.available and self.weight_version == version
@@ -161,7 +163,11 @@ class PolicyReplicas:
             if r.instance_id and info.instance_id != r.instance_id:
                 log.warning("policy replica %s restarted (instance %s -> %s, version %d)",
                             r.address, r.instance_id[:8], info.instance_id[:8], info.weight_version)
-            r.instance_id, r.weight_version, r.available = info.instance_id, info.weight_version, True
+                r.failures, r.retry_at = 0, 0.0  # a new process: a clean slate
+            # A replica that answers GetModelInfo but fails Generate (a dead engine behind a live
+            # server) stays out until its backoff has passed.
+            r.instance_id, r.weight_version = info.instance_id, info.weight_version
+            r.available = time.monotonic() >= r.retry_at
 
         list(self.pool.map(probe, self.replicas.values()))
         self._changed()
@@ -278,13 +284,20 @@ class PolicyReplicas:
 
     # ---- every rank: generation ------------------------------------------------------------
 
-    def generate(self, prompt_ids: list[list[int]], sampling: dict, todo: list[int], results: list) -> list[int]:
+    def _failed(self, replica: Replica) -> None:
+        """Keep a replica whose Generate failed out of the work for a while, longer each time."""
+        replica.available, replica.failures = False, replica.failures + 1
+        pause = min(self.backoff.initial * 2 ** (replica.failures - 1), self.backoff.maximum)
+        replica.retry_at = time.monotonic() + pause
+
+    def generate(self, prompt_ids: list[list[int]], sampling: dict, todo: list[int],
+                 results: list) -> tuple[list[int], list[str]]:
         """One attempt at the prompts `todo` (indices into prompt_ids), spread over the replicas in
         sync; fills results[i] with the PromptResult of prompt i. Returns the indices that failed
-        (their replica is marked unavailable until the next sync). No collective inside."""
+        and the replicas that failed them. No collective inside."""
         ready = [r for r in self.replicas.values() if r.in_sync(self.version)]
         if not ready:
-            return todo
+            return todo, []
         shares = [todo[i::len(ready)] for i in range(len(ready))]
 
         def run(replica: Replica, idx: list[int]) -> list[int]:
@@ -297,13 +310,36 @@ class PolicyReplicas:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise RequestRefused(f"policy replica {replica.address} refused Generate: {e.details()}") from e
                 log.warning("generate on %s failed: %s %s", replica.address, e.code().name, e.details())
-                replica.available = False
+                self._failed(replica)
                 return idx
+            replica.failures = 0
             for i, result in zip(idx, reply):
                 results[i] = result
             return []
 
-        return [i for failed in self.pool.map(run, ready, shares) for i in failed]
+        failed = dict(zip((r.address for r in ready), self.pool.map(run, ready, shares)))
+        return [i for idx in failed.values() for i in idx], [a for a, idx in failed.items() if idx]
+
+    def generate_all(self, prompt_ids: list[list[int]], sampling: dict, sync: Callable[[Iterator[float]], None]) -> list:
+        """The PromptResult of each of this rank's prompts (collective: every rank calls it with its
+        own share). Prompts whose replica failed are retried once the replicas were synced again
+        (a failed replica may have restarted), each round after a backoff: a replica that keeps
+        failing (a dead engine behind a live server) is not hammered, and the deadline and a stop
+        end the wait."""
+        results: list = [None] * len(prompt_ids)
+        todo, waits = list(range(len(prompt_ids))), None
+        while True:
+            outcome = distributed.agree(lambda: self.generate(prompt_ids, sampling, todo, results), self.d,
+                                        (RequestRefused,))
+            todo = outcome[self.d.rank][0]
+            if not any(left for left, _ in outcome):
+                return results
+            if self.d.main:  # what the other ranks saw fail, rank 0 keeps out of the next round too
+                for address in {a for _, failed in outcome for a in failed} & self.replicas.keys():
+                    if self.replicas[address].available:
+                        self._failed(self.replicas[address])
+            waits = waits or self.backoff.waits("policy replicas")
+            sync(waits)
 
     def close(self) -> None:
         for r in self.replicas.values():

@@ -1,0 +1,105 @@
+"""The trainer's generation retry loop, with stand-in replica clients (a unit test of
+PolicyReplicas.generate_all; the real servers are exercised end to end in tests/e2e and
+tests/reliability).
+
+The bug this guards against: a replica whose engine died kept answering GetModelInfo and failing
+every Generate with INTERNAL; the trainer retried at ~330 calls/s, never reached its deadline and
+ignored SIGTERM."""
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import grpc
+import pytest
+
+from services.common.config import ClientConfig
+from services.trainer import distributed
+from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, Replica, RequestRefused, Stopped
+
+
+class RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return f"stand-in {self._code.name}"
+
+
+class Client:
+    """One replica: answers GetModelInfo at `version`; Generate fails with `code` (or succeeds)."""
+
+    def __init__(self, version: int, code: grpc.StatusCode | None = None):
+        self.version, self.code, self.calls = version, code, []
+
+    def model_info(self, timeout=None):
+        return types.SimpleNamespace(instance_id="instance", weight_version=self.version)
+
+    def generate(self, prompts, **kwargs):
+        self.calls.append(time.monotonic())
+        if self.code is not None:
+            raise RpcError(self.code)
+        return [types.SimpleNamespace(prompt=p) for p in prompts]
+
+    def close(self):
+        pass
+
+
+def replicas_of(clients: dict[str, Client], backoff: Backoff) -> PolicyReplicas:
+    d = distributed.init("cpu", "float32")
+    replicas = PolicyReplicas(list(clients), ClientConfig(), backoff, 10.0, d)
+    replicas.replicas = {a: Replica(a, c) for a, c in clients.items()}
+    replicas.version = 1
+    replicas.refresh()
+    return replicas
+
+
+def sync_of(replicas: PolicyReplicas):
+    return lambda waits: replicas.sync(lambda: iter(()), [], waits)
+
+
+def test_a_replica_failing_every_generate_is_retried_with_backoff_until_the_deadline():
+    broken = Client(version=1, code=grpc.StatusCode.INTERNAL)
+    replicas = replicas_of({"a:1": broken}, Backoff(initial=0.05, maximum=0.4, deadline=3.0))
+    start = time.monotonic()
+    with pytest.raises(DependencyDown, match="failing for"):
+        replicas.generate_all([[1, 2]] * 4, {}, sync_of(replicas))
+    took = time.monotonic() - start
+    assert 3.0 <= took < 6.0
+    # Backoff (full jitter, doubling to 0.4 s) allows a dozen or so attempts in 3 s; the bug made ~1000.
+    assert len(broken.calls) <= 25, len(broken.calls)
+
+
+def test_a_stop_ends_the_wait_for_a_failing_replica():
+    stop = threading.Event()
+    replicas = replicas_of({"a:1": Client(1, grpc.StatusCode.INTERNAL)},
+                           Backoff(initial=0.5, maximum=10.0, deadline=300.0, stop=stop))
+    threading.Timer(0.5, stop.set).start()
+    start = time.monotonic()
+    with pytest.raises(Stopped):
+        replicas.generate_all([[1, 2]], {}, sync_of(replicas))
+    assert time.monotonic() - start < 2.0
+
+
+def test_a_refused_request_is_not_retried():
+    refusing = Client(1, grpc.StatusCode.INVALID_ARGUMENT)
+    replicas = replicas_of({"a:1": refusing}, Backoff(initial=0.05, maximum=0.4, deadline=30.0))
+    with pytest.raises(RequestRefused, match="refused Generate"):
+        replicas.generate_all([[1, 2]], {}, sync_of(replicas))
+    assert len(refusing.calls) == 1
+
+
+def test_the_prompts_of_a_failing_replica_go_to_the_healthy_one_and_it_is_left_alone():
+    healthy, broken = Client(1), Client(1, grpc.StatusCode.INTERNAL)
+    replicas = replicas_of({"a:1": healthy, "b:1": broken}, Backoff(initial=0.2, maximum=2.0, deadline=30.0))
+    prompts = [[i] for i in range(8)]
+    for _ in range(3):  # three steps
+        results = replicas.generate_all(prompts, {}, sync_of(replicas))
+        assert [r.prompt for r in results] == prompts
+    # The broken replica failed its share once, then sat out its backoff while the healthy one did the work.
+    assert len(broken.calls) <= 2, len(broken.calls)
+    assert replicas.replicas["b:1"].failures >= 1
