@@ -75,12 +75,19 @@ class RMConfig(Supervised):
 
 class RolloutConfig(Section):
     batch_size: int = Field(64, ge=1)  # prompts per PPO step, over all ranks
+    n: int = Field(1, ge=1)  # completions per prompt (a group); grpo and rloo need 2 or more
     max_tokens: int = Field(256, ge=1)  # completion length limit
     temperature: float = Field(1.0, gt=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
 
 
 class PPOConfig(Section):
+    # gae: PPO with a critic initialised from the reward model (the classic recipe). Critic-free,
+    # no value model loaded: grpo (group-relative), rloo (leave-one-out), reinforce_pp (batch baseline).
+    advantage: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # grpo: divide by the group's std, the batch's, or not
+    kl_in: Literal["reward", "loss"] = "reward"  # the KL penalty as a per-token reward, or as a loss term
+    loss_agg: Literal["token_mean", "seq_mean_token_sum", "seq_mean_token_mean"] = "token_mean"
     epochs: int = Field(1, ge=1)  # passes over one step's batch
     minibatch_size: int = Field(16, ge=1)  # completions per optimizer step, over all ranks
     lr: float = Field(1e-6, gt=0)  # policy learning rate
@@ -93,7 +100,7 @@ class PPOConfig(Section):
     beta: float = Field(0.05, ge=0)  # KL coefficient (initial, when target_kl is set)
     target_kl: float | None = Field(None, gt=0)  # set: adapt beta to this per-sequence KL (Ziegler et al.)
     kl_horizon: int = Field(10000, ge=1)
-    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     vf_coef: float = Field(0.5, ge=0)
     ent_coef: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -115,7 +122,7 @@ class Config(Job):
     policy_addresses: list[str] = Field(min_length=1)  # host:port each, or dns:///name:port for every replica
     reward_address: str = Field(min_length=1)
     sft_model: str = Field(min_length=1)  # the policy's start and the frozen reference
-    reward_model: str = Field(min_length=1)  # the value model's start
+    reward_model: str | None = Field(None, min_length=1)  # the value model's start (gae only)
     prompts: str = Field(min_length=1)  # JSONL with a "prompt" per row
     out: str = "runs/ppo"
     steps: int = Field(100, ge=1)
@@ -125,11 +132,23 @@ class Config(Job):
     services: ServicesConfig = ServicesConfig()
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> "Config":
-        if self.rollout.batch_size % self.ppo.minibatch_size:
-            raise ValueError(f"rollout.batch_size ({self.rollout.batch_size}) must be a multiple of "
-                             f"ppo.minibatch_size ({self.ppo.minibatch_size})")
+    def _consistent(self) -> "Config":
+        rollout, ppo = self.rollout, self.ppo
+        if rollout.batch_size * rollout.n % ppo.minibatch_size:
+            raise ValueError(f"rollout.batch_size x rollout.n ({rollout.batch_size} x {rollout.n}) must be a multiple "
+                             f"of ppo.minibatch_size ({ppo.minibatch_size})")
+        if ppo.advantage in ("grpo", "rloo"):
+            if rollout.n < 2:
+                raise ValueError(f"ppo.advantage {ppo.advantage} compares the completions of a prompt: "
+                                 f"rollout.n must be >= 2, got {rollout.n}")
+        if ppo.advantage == "gae" and not self.reward_model:
+            raise ValueError("reward_model is required with ppo.advantage gae (the value model starts from it)")
         return self
+
+    @property
+    def critic(self) -> bool:
+        """Whether a value model is loaded, trained and checkpointed."""
+        return self.ppo.advantage == "gae"
 
 
 # ---- loading ---------------------------------------------------------------------------------

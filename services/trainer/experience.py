@@ -32,6 +32,7 @@ class Rollout:
     samples: list[Sample]
     prompts: list[str]  # the step's prompts, before anything was dropped
     generated_tokens: int  # over every completion, dropped ones included
+    group_sizes: list[int]  # the completions of one prompt are consecutive: len(samples) == sum(group_sizes)
     dropped_stale: int = 0  # sampled by weights off the trainer's version beyond the staleness bound
     dropped_empty: int = 0  # nothing to score (EOS at once)
     dropped_trim: int = 0  # cut so the batch splits into whole minibatches

@@ -42,8 +42,10 @@ from services.trainer.data import read_jsonl
 from services.trainer.distributed import Dist
 from services.trainer.experience import Batch, Experience, Rollout, Sample, policy_forward, value_forward
 from services.trainer.metrics import StepMetrics
-from services.trainer.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
-                                  masked_mean, masked_whiten, policy_loss, shape_rewards, value_loss)
+from services.trainer.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, aggregate,
+                                  entropy_from_logits, gae, grpo_advantages, loss_normalizer, masked_mean,
+                                  masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
+                                  shape_rewards, value_loss)
 from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, RequestRefused, Scorer, Stopped
 
 log = logging.getLogger(__name__)
@@ -83,16 +85,17 @@ class Prompts:
 @dataclasses.dataclass
 class PPOState:
     """What a checkpoint holds: the trained models and their optimizers and schedulers, the frozen
-    reference, the KL controller, the prompt position, the step and the weight version."""
+    reference, the KL controller, the prompt position, the step and the weight version. The value
+    model and its optimizer exist only with a critic (ppo.advantage gae)."""
     policy: torch.nn.Module
     reference: torch.nn.Module
-    value: torch.nn.Module
     policy_opt: torch.optim.Optimizer
-    value_opt: torch.optim.Optimizer
     policy_sched: torch.optim.lr_scheduler.LRScheduler
-    value_sched: torch.optim.lr_scheduler.LRScheduler
     kl_ctl: FixedKLController | AdaptiveKLController
     prompts: Prompts
+    value: torch.nn.Module | None = None
+    value_opt: torch.optim.Optimizer | None = None
+    value_sched: torch.optim.lr_scheduler.LRScheduler | None = None
     step: int = 0
     version: int = 0
     history: list[StepMetrics] = dataclasses.field(default_factory=list)
@@ -102,24 +105,34 @@ class PPOState:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         cfg = config.ppo
+        warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
         policy = distributed.load_model(AutoModelForCausalLM, config.sft_model, d)
         reference = distributed.load_model(AutoModelForCausalLM, config.sft_model, d, trainable=False)
-        value = distributed.load_model(AutoModelForSequenceClassification, config.reward_model, d, num_labels=1)
         policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=1e-5)
-        value_opt = torch.optim.AdamW(value.parameters(), lr=cfg.value_lr or 10 * cfg.lr, eps=1e-5)
-        warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
         kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
                   else FixedKLController(cfg.beta))
-        return cls(policy, reference, value, policy_opt, value_opt,
-                   torch.optim.lr_scheduler.LambdaLR(policy_opt, warmup),
-                   torch.optim.lr_scheduler.LambdaLR(value_opt, warmup), kl_ctl, Prompts(config.prompts, config.seed))
+        state = cls(policy, reference, policy_opt, torch.optim.lr_scheduler.LambdaLR(policy_opt, warmup), kl_ctl,
+                    Prompts(config.prompts, config.seed))
+        if config.critic:
+            state.value = distributed.load_model(AutoModelForSequenceClassification, config.reward_model, d,
+                                                 num_labels=1)
+            state.value_opt = torch.optim.AdamW(state.value.parameters(), lr=cfg.value_lr or 10 * cfg.lr, eps=1e-5)
+            state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, warmup)
+        return state
 
     def trained(self) -> dict:
-        return {"policy": (self.policy, self.policy_opt), "value": (self.value, self.value_opt)}
+        models = {"policy": (self.policy, self.policy_opt)}
+        if self.value is not None:
+            models["value"] = (self.value, self.value_opt)
+        return models
+
+    def schedulers(self) -> dict:
+        return {name: sched for name, sched in (("policy_sched", self.policy_sched), ("value_sched", self.value_sched))
+                if sched is not None}
 
     def scalars(self) -> dict:
-        return dict(policy_sched=self.policy_sched.state_dict(), value_sched=self.value_sched.state_dict(),
-                    kl_ctl=self.kl_ctl.state_dict(), prompts=self.prompts.state_dict(), weight_version=self.version,
+        return dict(**{k: v.state_dict() for k, v in self.schedulers().items()}, kl_ctl=self.kl_ctl.state_dict(),
+                    prompts=self.prompts.state_dict(), weight_version=self.version,
                     history=[m.to_json() for m in self.history])
 
     def save(self, out: pathlib.Path, tokenizer, d: Dist) -> pathlib.Path:
@@ -128,8 +141,8 @@ class PPOState:
 
     def load(self, path: pathlib.Path, d: Dist) -> None:
         state = checkpoint.load(path, d, trained=self.trained())
-        self.policy_sched.load_state_dict(state["policy_sched"])
-        self.value_sched.load_state_dict(state["value_sched"])
+        for name, sched in self.schedulers().items():
+            sched.load_state_dict(state[name])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.prompts.load_state_dict(state["prompts"])
         self.step, self.version = state["step"], state["weight_version"]
@@ -151,12 +164,13 @@ def phase(seconds: dict[str, float], p: Phase, control: Control):
 
 def collect(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: Scorer, tokenizer, d: Dist,
             seconds: dict, control: Control, sync) -> Rollout:
-    """Sample a completion for each of the step's prompts and score it. Each rank does its share;
-    the samples come back gathered, in prompt order, on every rank."""
+    """Sample rollout.n completions for each of the step's prompts and score them. Each rank does
+    its share of the prompts; the samples come back gathered on every rank, in prompt order, the
+    n completions of a prompt (its group) next to each other."""
     prompts = state.prompts.next(config.rollout.batch_size)
     mine = d.rows(len(prompts))
     prompt_ids = [tokenizer(format_prompt(tokenizer, prompts[i]), add_special_tokens=False).input_ids for i in mine]
-    sampling = dict(max_tokens=config.rollout.max_tokens, temperature=config.rollout.temperature,
+    sampling = dict(n=config.rollout.n, max_tokens=config.rollout.max_tokens, temperature=config.rollout.temperature,
                     top_p=config.rollout.top_p, logprobs=True)
 
     with phase(seconds, Phase.GENERATING, control):
@@ -164,28 +178,36 @@ def collect(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: S
 
     # Never train on completions from other weights, and an empty answer has nothing to score:
     # both leave the batch here, counted.
-    version = replicas.version
-    completions = [r.completions[0] for r in results]
-    fresh = [j for j, c in enumerate(completions) if 0 <= version - c.weight_version <= config.services.max_staleness]
-    keep = [j for j in fresh if completions[j].text.strip()]
+    version, staleness = replicas.version, config.services.max_staleness
+    groups = [[(j, c) for c in r.completions if 0 <= version - c.weight_version <= staleness]
+              for j, r in enumerate(results)]
+    fresh = sum(map(len, groups))
+    groups = [[(j, c) for j, c in g if c.text.strip()] for g in groups]
+    kept = [(j, c) for g in groups for j, c in g]
 
-    def score() -> tuple[list[Sample], int, int, int]:
-        scored = scorer.score([(prompts[mine[j]], completions[j].text) for j in keep],
-                              normalize=config.ppo.normalize_scores) if keep else []
-        samples = [Sample(prompts[mine[j]], prompt_ids[j], list(completions[j].token_ids), completions[j].text,
-                          list(completions[j].logprobs), completions[j].finish_reason, completions[j].weight_version,
-                          r.score) for j, r in zip(keep, scored)]
-        return (samples, sum(len(c.token_ids) for c in completions), len(completions) - len(fresh),
-                len(fresh) - len(keep))
+    def score() -> tuple[list[list[Sample]], int, int, int]:
+        scored = iter(scorer.score([(prompts[mine[j]], c.text) for j, c in kept],
+                                   normalize=config.ppo.normalize_scores) if kept else [])
+        samples = [[Sample(prompts[mine[j]], prompt_ids[j], list(c.token_ids), c.text, list(c.logprobs),
+                           c.finish_reason, c.weight_version, next(scored).score) for j, c in g] for g in groups]
+        completions = [c for r in results for c in r.completions]
+        return samples, sum(len(c.token_ids) for c in completions), len(completions) - fresh, fresh - len(kept)
 
     with phase(seconds, Phase.SCORING, control):
         parts = distributed.agree(score, d, (DependencyDown, Stopped, RequestRefused))
-    samples = distributed.interleave([p[0] for p in parts])
-    # Whole minibatches only (each split evenly over the ranks); what is cut is counted too.
-    usable = len(samples) - len(samples) % config.ppo.minibatch_size
-    return Rollout(samples[:usable], prompts, generated_tokens=sum(p[1] for p in parts),
-                   dropped_stale=sum(p[2] for p in parts), dropped_empty=sum(p[3] for p in parts),
-                   dropped_trim=len(samples) - usable)
+    groups = [g for g in distributed.interleave([p[0] for p in parts]) if g]
+    # Whole minibatches only (each split evenly over the ranks), cut at group boundaries when the
+    # estimator compares a group's completions; what is cut is counted too.
+    total, M = sum(map(len, groups)), config.ppo.minibatch_size
+    if config.ppo.advantage in ("grpo", "rloo"):
+        while sum(map(len, groups)) % M:
+            groups.pop()
+    else:
+        samples = [s for g in groups for s in g]
+        groups = [[s] for s in samples[:len(samples) - len(samples) % M]]
+    return Rollout([s for g in groups for s in g], prompts, generated_tokens=sum(p[1] for p in parts),
+                   group_sizes=[len(g) for g in groups], dropped_stale=sum(p[2] for p in parts),
+                   dropped_empty=sum(p[3] for p in parts), dropped_trim=total - sum(map(len, groups)))
 
 
 def forward_rows(fn, batch: Batch, rows: list[int], chunk: int) -> torch.Tensor:
@@ -207,69 +229,101 @@ def make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: i
                                                         mine, chunk), d)
     ref_logprobs = distributed.gather_rows(forward_rows(lambda b: policy_forward(state.reference, b, T)[0], batch,
                                                         mine, chunk), d)
-    values = distributed.gather_rows(forward_rows(lambda b: value_forward(state.value, b), batch, mine, chunk), d)
-
     mask = batch.response_mask
+    values = (distributed.gather_rows(forward_rows(lambda b: value_forward(state.value, b), batch, mine, chunk), d)
+              if state.value is not None else torch.zeros_like(old_logprobs))
+
     sampler_logprobs = torch.zeros_like(old_logprobs)
     for i, s in enumerate(rollout.samples):
         sampler_logprobs[i, :len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
     scores = torch.tensor([s.score for s in rollout.samples], device=d.device)
     missing_eos = torch.tensor([s.finish_reason == "length" for s in rollout.samples], device=d.device)
-    rewards, kl, shaped = shape_rewards(scores, old_logprobs, ref_logprobs, mask, state.kl_ctl.value,
+    # The KL to the reference either shapes the reward here (a penalty on every token) or is a
+    # term of the loss (ppo_update); it is measured either way.
+    beta = state.kl_ctl.value if cfg.kl_in == "reward" else 0.0
+    rewards, kl, shaped = shape_rewards(scores, old_logprobs, ref_logprobs, mask, beta,
                                         kl_estimator=cfg.kl_estimator, missing_eos=missing_eos,
                                         missing_eos_penalty=cfg.missing_eos_penalty, score_clip=cfg.score_clip)
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    advantages = masked_whiten(advantages, mask)
+    returns = torch.zeros_like(rewards)
+    if cfg.advantage == "gae":
+        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+    elif cfg.advantage == "reinforce_pp":
+        advantages = reinforce_pp_advantages(rewards, mask, cfg.gamma)
+    else:  # a sequence-level estimator: the sequence's reward is its score (minus its KL penalty)
+        sequence_rewards = rewards.sum(-1)
+        estimate = (grpo_advantages(sequence_rewards, rollout.group_sizes, cfg.scale_rewards)
+                    if cfg.advantage == "grpo" else rloo_advantages(sequence_rewards, rollout.group_sizes))
+        advantages = per_token(estimate, mask)
     return Experience(batch, old_logprobs, ref_logprobs, sampler_logprobs, values, kl, rewards, advantages, returns,
                       shaped)
 
 
 def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dict[str, float]:
     """cfg.epochs passes over the batch in minibatches. Each global minibatch of M rows is split
-    into M / world_size rows per rank; the loss is normalised by the minibatch's token count over
-    all ranks (FSDP averages gradients over the ranks, hence the factor world_size), so the
-    gradient is the same whatever the number of ranks. Returns token-weighted means of the
-    losses and statistics over the whole update."""
+    into M / world_size rows per rank; every loss term is normalised by the minibatch's token
+    (or sequence) count over all ranks, and FSDP averages gradients over the ranks (hence the
+    factor world_size), so the gradient is the same whatever the number of ranks. Returns the
+    mean per minibatch of the losses, and token means of the statistics, over the whole update."""
     cfg, T = config.ppo, config.rollout.temperature
     B, M = len(exp.batch), cfg.minibatch_size
-    m = M // d.world_size
+    m, W = M // d.world_size, d.world_size
     mask = exp.batch.response_mask
+    optimizers = [opt for _, opt in state.trained().values()]
     # Seeded by step: the same minibatches on every rank, and after a resume.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + state.step)
-    sums = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl", "entropy", "tokens"), 0.0)
+    losses = dict.fromkeys(("policy_loss", "value_loss", "kl_loss", "minibatches"), 0.0)
+    token_stats = dict.fromkeys(("clip_fraction", "approx_kl", "entropy", "tokens"), 0.0)
     for _ in range(cfg.epochs):
         for minibatch in torch.randperm(B, generator=generator).split(M):
-            rows = minibatch[d.rank * m:(d.rank + 1) * m].to(d.device)
-            local_mask = mask[rows]
-            n_local, n_global = local_mask.sum(), mask[minibatch.to(d.device)].sum()
-            scale = d.world_size * n_local / n_global
-            local = exp.batch.rows(rows)
+            minibatch = minibatch.to(d.device)
+            rows = minibatch[d.rank * m:(d.rank + 1) * m]
+            local, local_mask = exp.batch.rows(rows), mask[rows]
+            normalizer = loss_normalizer(mask[minibatch], cfg.loss_agg)  # over every rank's rows
+            tokens = mask[minibatch].sum()
 
             new_logprobs, logits = policy_forward(state.policy, local, T)
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp.old_logprobs[rows], exp.advantages[rows],
-                                                       local_mask, cfg.clip)
+                                                       local_mask, cfg.clip, loss_agg=cfg.loss_agg,
+                                                       normalizer=normalizer)
+            loss = pg_loss
             with torch.set_grad_enabled(cfg.ent_coef > 0):  # the [B, R, vocab] graph only when it is trained
-                entropy = masked_mean(entropy_from_logits(logits), local_mask)
-            new_values = value_forward(state.value, local)
-            vf_loss, _ = value_loss(new_values, exp.values[rows], exp.returns[rows], local_mask, cfg.value_clip)
-            loss = scale * (pg_loss - cfg.ent_coef * entropy + cfg.vf_coef * vf_loss)
+                entropy = entropy_from_logits(logits)
+            if cfg.ent_coef > 0:
+                loss = loss - cfg.ent_coef * aggregate(entropy, local_mask, cfg.loss_agg, normalizer)
+            kl_loss = torch.zeros(())
+            if cfg.kl_in == "loss":
+                kl = KL_ESTIMATORS[cfg.kl_estimator](new_logprobs, exp.ref_logprobs[rows])
+                kl_loss = aggregate(kl, local_mask, cfg.loss_agg, normalizer)
+                loss = loss + state.kl_ctl.value * kl_loss
+            vf_loss = torch.zeros(())
+            if state.value is not None:
+                new_values = value_forward(state.value, local)
+                vf_loss, _ = value_loss(new_values, exp.values[rows], exp.returns[rows], local_mask, cfg.value_clip,
+                                        normalizer=tokens)
+                loss = loss + cfg.vf_coef * vf_loss
 
-            state.policy_opt.zero_grad(set_to_none=True)
-            state.value_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.policy.parameters(), cfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(state.value.parameters(), cfg.max_grad_norm)
-            state.policy_opt.step()
-            state.value_opt.step()
-            n = n_local.item()
-            for key, v in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clipfrac),
-                           ("approx_kl", approx_kl), ("entropy", entropy)):
-                sums[key] += v.item() * n
-            sums["tokens"] += n
-    state.policy_sched.step()
-    state.value_sched.step()
-    totals = dict(zip(sums, distributed.all_sum(list(sums.values()), d)))
-    return {key: totals[key] / totals["tokens"] for key in sums if key != "tokens"}
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            (W * loss).backward()
+            for model, opt in state.trained().values():
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+            # Each rank's share of this minibatch's losses: summed over the ranks below.
+            losses["policy_loss"] += pg_loss.item()
+            losses["value_loss"] += vf_loss.item()
+            losses["kl_loss"] += kl_loss.item()
+            losses["minibatches"] += 1 / W
+            n = local_mask.sum().item()
+            token_stats["clip_fraction"] += clipfrac.item() * n
+            token_stats["approx_kl"] += approx_kl.item() * n
+            token_stats["entropy"] += masked_mean(entropy, local_mask).item() * n
+            token_stats["tokens"] += n
+    for sched in state.schedulers().values():
+        sched.step()
+    totals = dict(zip([*losses, *token_stats], distributed.all_sum([*losses.values(), *token_stats.values()], d)))
+    return {**{k: totals[k] / totals["minibatches"] for k in losses if k != "minibatches"},
+            **{k: totals[k] / totals["tokens"] for k in token_stats if k != "tokens"}}
 
 
 def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict, beta: float, seconds: dict,
@@ -280,7 +334,8 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
         step=state.step, weight_version=state.version - 1, pushed_version=state.version, time=time.time(),
         reward_mean=float(np.mean([s.score for s in samples])), score_mean=exp.scores.mean().item(),
         kl=exp.kl.sum(-1).mean().item(), entropy=stats["entropy"], clip_fraction=stats["clip_fraction"],
-        approx_kl=stats["approx_kl"], policy_loss=stats["policy_loss"], value_loss=stats["value_loss"], beta=beta,
+        approx_kl=stats["approx_kl"], policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
+        kl_loss=stats["kl_loss"], beta=beta,
         tokens_per_second=rollout.generated_tokens / step_seconds,
         logprob_gap=masked_mean((exp.old_logprobs - exp.sampler_logprobs).abs(), mask).item(),
         completions=len(samples), completions_dropped=rollout.dropped_stale, completions_empty=rollout.dropped_empty,
@@ -338,8 +393,9 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         raise ConfigError(f"sft_model: the tokenizer of {config.sft_model} needs an EOS token distinct from PAD")
 
     state = PPOState.build(config, d)
-    log.info("rank %d/%d on %s, compute %s: %.1f MB of policy + value parameters here", d.rank, d.world_size,
-             d.device, str(d.dtype).removeprefix("torch."), distributed.local_bytes(state.policy, state.value) / 1e6)
+    log.info("rank %d/%d on %s, compute %s, %s: %.1f MB of trained parameters here", d.rank, d.world_size, d.device,
+             str(d.dtype).removeprefix("torch."), config.ppo.advantage,
+             distributed.local_bytes(*(model for model, _ in state.trained().values())) / 1e6)
 
     control = Control(config.steps)
     stop = threading.Event()
@@ -440,7 +496,7 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         save()
         done = state.step >= config.steps
         ranks = distributed.all_gather_object(distributed.memory_report(
-            d, state.policy, state.value, state.policy_opt, state.value_opt))
+            d, *(obj for pair in state.trained().values() for obj in pair)))
         if d.main:
             (out / "ranks.json").write_text(json.dumps(ranks, indent=2))
         if d.main and state.history:

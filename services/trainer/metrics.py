@@ -22,7 +22,8 @@ class StepMetrics:
     clip_fraction: float
     approx_kl: float  # between the policy before and after the update
     policy_loss: float
-    value_loss: float
+    value_loss: float  # 0 without a critic
+    kl_loss: float  # the KL term of the loss (ppo.kl_in loss), 0 when the KL shapes the reward
     beta: float  # KL coefficient used this step
     tokens_per_second: float  # generated tokens per second of step wall time
     logprob_gap: float  # mean |trainer logprob - sampler logprob| per token: engine mismatch or stale weights

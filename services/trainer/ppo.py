@@ -1,14 +1,20 @@
-"""PPO math for RLHF, as pure functions on tensors.
+"""PPO math for RLHF, as pure functions on tensors: the advantage estimators (GAE with a
+critic, and the critic-free GRPO, RLOO and REINFORCE++), the KL estimators, the clipped losses
+and how a loss is averaged over tokens and sequences.
 
 Shapes: per-token tensors are [batch, response_len], right-padded; `mask` is 1.0
-on real response tokens and 0.0 on padding. Nothing here knows about models,
+on real response tokens and 0.0 on padding; per-sequence tensors are [batch]. A group is
+the n completions of one prompt, consecutive in the batch. Nothing here knows about models,
 services or gRPC, so every formula can be checked by hand in a unit test.
 
 References: Ziegler et al. 2019 (adaptive KL), Ouyang et al. 2022 (InstructGPT:
 per-token KL penalty, score at the last token), Zheng et al. 2023 ("Secrets of
 RLHF": reward normalisation and clipping, whitened advantages), Huang et al. 2024
 ("The N+ implementation details of RLHF with PPO": EOS penalty), Schulman 2020
-(the k1/k3 KL estimators), CleanRL's ppo.py (clipped losses, approx_kl).
+(the k1/k2/k3 KL estimators), CleanRL's ppo.py (clipped losses, approx_kl),
+Shao et al. 2024 (DeepSeekMath: GRPO), Liu et al. 2025 ("Understanding R1-Zero-Like
+Training": Dr. GRPO drops the std and the per-sequence length normalisation),
+Ahmadian et al. 2024 (RLOO for RLHF), Hu 2025 (REINFORCE++).
 """
 from __future__ import annotations
 
@@ -89,7 +95,13 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_r) - log_r
 
 
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+def kl_k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k2 = (log p - log p_ref)^2 / 2: biased, never negative, low variance; its gradient is
+    that of the true KL in expectation when used as a loss term (Schulman 2020)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -167,20 +179,122 @@ class AdaptiveKLController:
         self.horizon = int(state["horizon"])
 
 
+# ---- critic-free advantages -------------------------------------------------------------------
+
+def _groups(scores: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    if sum(sizes) != scores.numel():
+        raise ValueError(f"group sizes {sizes} do not add up to the {scores.numel()} scores")
+    return list(torch.split(scores, sizes))
+
+
+def grpo_advantages(scores: torch.Tensor, sizes: list[int], scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: each completion against the other completions of its prompt (groups of `sizes`,
+    consecutive in `scores`).
+
+    A_i = (r_i - mean_group) / (std_group + eps)   scale="group" (Shao et al.)
+    A_i = (r_i - mean_group) / (std_batch + eps)   scale="batch"
+    A_i =  r_i - mean_group                        scale="none" (Dr. GRPO: dividing by a small
+                                                   group std up-weights prompts that are too easy or too hard)
+    std is the sample std (n - 1). A group of equal rewards, or of one completion, gets 0, never NaN.
+    [B] -> [B].
+    """
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    batch_std = scores.std() if scores.numel() > 1 else scores.new_tensor(0.0)
+    out = []
+    for g in _groups(scores, sizes):
+        centred = g - g.mean()
+        std = g.std() if scale == "group" and len(g) > 1 else batch_std
+        if len(g) < 2 or (scale != "none" and std == 0):
+            centred = torch.zeros_like(g)  # no baseline, or nothing to tell apart
+        elif scale != "none":
+            centred = centred / (std + eps)
+        out.append(centred)
+    return torch.cat(out)
+
+
+def rloo_advantages(scores: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """RLOO: A_i = r_i - mean of the other n - 1 rewards of its group = n / (n - 1) * (r_i - mean_group).
+    The leave-one-out baseline does not depend on r_i, so the estimate stays unbiased. A group of
+    one completion has no baseline: 0. [B] -> [B]."""
+    out = []
+    for g in _groups(scores, sizes):
+        n = len(g)
+        out.append(g - (g.sum() - g) / (n - 1) if n > 1 else torch.zeros_like(g))
+    return torch.cat(out)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++: the discounted return of every token, G_t = r_t + gamma * G_{t+1} (the rewards
+    carry the per-token KL penalty and the score at the last token), whitened over the whole
+    batch: the batch, not a critic or a group, is the baseline. [B, T] -> [B, T], 0 on padding."""
+    rewards = _zero_pad(rewards, mask)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = (rewards[..., t] + gamma * running) * mask[..., t]
+        returns[..., t] = running
+    return masked_whiten(returns, mask)
+
+
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence's advantage on each of its tokens: [B] -> [B, T]."""
+    return _zero_pad(advantages.unsqueeze(-1).expand_as(mask).to(mask.dtype), mask)
+
+
+# ---- losses ----------------------------------------------------------------------------------
+
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_sum", "seq_mean_token_mean")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+              normalizer: float | torch.Tensor | None = None) -> torch.Tensor:
+    """A per-token loss [B, T] to a scalar.
+
+    token_mean            sum over every token / number of tokens: each token counts the same,
+                          so long answers weigh more than short ones (PPO's usual choice)
+    seq_mean_token_sum    sum over each sequence's tokens, mean over sequences: a sequence's
+                          weight grows with its length (Dr. GRPO, with a constant normaliser)
+    seq_mean_token_mean   mean over each sequence's tokens, mean over sequences: every sequence
+                          counts the same whatever its length, so a token of a short answer weighs
+                          more (the original GRPO; it biases towards longer wrong answers)
+
+    `normalizer` replaces the denominator (the token or sequence count) by one counted over
+    more than these rows, e.g. a minibatch split over ranks; None: these rows' own count.
+    """
+    x = _zero_pad(x, mask)
+    if mode == "token_mean":
+        total, count = x.sum(), mask.sum()
+    elif mode == "seq_mean_token_sum":
+        total, count = x.sum(), torch.tensor(float(mask.shape[0]))
+    elif mode == "seq_mean_token_mean":
+        total, count = (x.sum(-1) / mask.sum(-1).clamp(min=1)).sum(), torch.tensor(float(mask.shape[0]))
+    else:
+        raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
+    return total / (count.clamp(min=1) if normalizer is None else normalizer)
+
+
+def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """The denominator aggregate() uses for these rows: tokens for token_mean, sequences otherwise."""
+    return mask.sum() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), averaged over real tokens.
+                mask: torch.Tensor, clip_range: float = 0.2, *, loss_agg: str = "token_mean",
+                normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), aggregated over
+    real tokens as `loss_agg` says (see aggregate).
 
     The clip removes the incentive to move the ratio further than eps in one
     update. Returns (loss, clip fraction, approx_kl); approx_kl is the k3
     estimate mean((ratio - 1) - log ratio) of KL(old || new), for early stopping
-    and monitoring.
+    and monitoring (both token means of these rows).
     """
     log_ratio = _zero_pad(logprobs - old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), mask)
+    loss = aggregate(torch.maximum(pg_losses, pg_losses_clipped), mask, loss_agg, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
@@ -188,7 +302,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip_range_value: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+               mask: torch.Tensor, clip_range_value: float = 0.2, *,
+               normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, -eps, eps).
 
     Like the policy clip, it stops one batch from dragging the critic far from
@@ -197,7 +312,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     values_clipped = old_values + (values - old_values).clamp(-clip_range_value, clip_range_value)
     vf_losses = (values - returns) ** 2
     vf_losses_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), mask)
+    loss = 0.5 * aggregate(torch.maximum(vf_losses, vf_losses_clipped), mask, "token_mean", normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask)
     return loss, clipfrac

@@ -14,7 +14,7 @@ from services.trainer.rollout import ReplicaStatus
 PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
 
 # StepMetrics fields without a field of their own in the message: they go to `extra`.
-EXTRA = ("pushed_version", "score_mean", "logprob_gap", "completions", "completions_dropped", "completions_empty",
+EXTRA = ("pushed_version", "score_mean", "kl_loss", "logprob_gap", "completions", "completions_dropped", "completions_empty",
          "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs")
 
 

@@ -33,7 +33,8 @@ def fixed_rollout(vocab: int, n: int = 16, seed: int = 0) -> Rollout:
         response = [rng.randrange(4, vocab) for _ in range(rng.randint(1, 12))]
         samples.append(Sample(f"p{i}", prompt, response, "text", [-rng.random() * 3 for _ in response],
                               rng.choice(["eos", "length"]), 1, rng.gauss(0, 1)))
-    return Rollout(samples, [s.prompt for s in samples], generated_tokens=sum(len(s.response_ids) for s in samples))
+    return Rollout(samples, [s.prompt for s in samples], generated_tokens=sum(len(s.response_ids) for s in samples),
+                   group_sizes=[1] * n)
 
 
 def full_optimizer_state(state: PPOState) -> dict:

@@ -226,3 +226,76 @@ def test_padding_contributes_nothing():
             assert torch.allclose(a, b, atol=1e-5)
     for x in outs[-1][:5]:  # per-token outputs are exactly 0 on padding
         assert (x[mask == 0] == 0).all()
+
+
+# ---- critic-free estimators and loss aggregation -----------------------------------------------
+
+def test_grpo_advantages_by_hand():
+    scores = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 2.0])  # two groups of 3; the second all equal
+    std = math.sqrt(((1 - 3) ** 2 + 0 + (5 - 3) ** 2) / 2)  # sample std of (1, 3, 5) = 2
+    got = ppo.grpo_advantages(scores, [3, 3], scale="group", eps=0.0)
+    assert close(got, [-2 / std, 0.0, 2 / std, 0.0, 0.0, 0.0])  # equal rewards: 0, not NaN
+    assert not torch.isnan(ppo.grpo_advantages(scores, [3, 3], scale="group")).any()
+    # Dr. GRPO: no division at all
+    assert close(ppo.grpo_advantages(scores, [3, 3], scale="none"), [-2.0, 0.0, 2.0, 0.0, 0.0, 0.0])
+    # batch: one std for the whole batch (mean 2.5; sample std over the 6 scores)
+    batch_std = math.sqrt(sum((x - 2.5) ** 2 for x in [1, 3, 5, 2, 2, 2]) / 5)
+    assert close(ppo.grpo_advantages(scores, [3, 3], scale="batch", eps=0.0),
+                 [-2 / batch_std, 0.0, 2 / batch_std, 0.0, 0.0, 0.0])
+    # groups of different sizes (a completion dropped); a group of one has no baseline
+    assert close(ppo.grpo_advantages(torch.tensor([1.0, 3.0, 7.0]), [2, 1], scale="none"), [-1.0, 1.0, 0.0])
+
+
+def test_rloo_advantages_by_hand():
+    scores = torch.tensor([1.0, 2.0, 6.0, 4.0, 4.0])  # groups of 3 and 2
+    # leave-one-out: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; 4 - 4 = 0 twice
+    assert close(ppo.rloo_advantages(scores, [3, 2]), [-3.0, -1.5, 4.5, 0.0, 0.0])
+    assert close(ppo.rloo_advantages(torch.tensor([5.0]), [1]), [0.0])
+    with pytest.raises(ValueError, match="do not add up"):
+        ppo.rloo_advantages(scores, [3, 3])
+
+
+def test_reinforce_pp_returns_then_batch_whitening_by_hand():
+    rewards = torch.tensor([[0.0, -0.1, 1.0], [0.5, 9.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # gamma 0.5: row 0: G2 = 1, G1 = -0.1 + 0.5 = 0.4, G0 = 0 + 0.2 = 0.2; row 1: G0 = 0.5 (padding ignored)
+    returns = [0.2, 0.4, 1.0, 0.5]
+    mean = sum(returns) / 4
+    std = math.sqrt(sum((g - mean) ** 2 for g in returns) / 3)
+    got = ppo.reinforce_pp_advantages(rewards, mask, gamma=0.5)
+    assert close(got, [[(0.2 - mean) / std, (0.4 - mean) / std, (1.0 - mean) / std], [(0.5 - mean) / std, 0.0, 0.0]])
+
+
+def test_per_token_broadcast_keeps_padding_at_zero():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert close(ppo.per_token(torch.tensor([2.0, -1.0]), mask), [[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]])
+
+
+def test_loss_aggregations_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert close(ppo.aggregate(x, mask, "token_mean"), (1 + 2 + 3 + 10) / 4)  # 4
+    assert close(ppo.aggregate(x, mask, "seq_mean_token_sum"), ((1 + 2 + 3) + 10) / 2)  # 8
+    assert close(ppo.aggregate(x, mask, "seq_mean_token_mean"), ((1 + 2 + 3) / 3 + 10 / 1) / 2)  # 6
+    # A normaliser counted over more rows (a minibatch split over ranks) replaces the local count.
+    assert close(ppo.aggregate(x, mask, "token_mean", normalizer=8.0), 16 / 8)
+    assert close(ppo.loss_normalizer(mask, "token_mean"), 4.0)
+    assert close(ppo.loss_normalizer(mask, "seq_mean_token_mean"), 2.0)
+    with pytest.raises(ValueError, match="loss aggregation"):
+        ppo.aggregate(x, mask, "sum")
+
+
+def test_split_rows_with_the_global_normaliser_add_up_to_the_whole():
+    """What two ranks compute on halves of a minibatch sums to what one computes on all of it."""
+    x, mask = torch.rand(4, 5), (torch.rand(4, 5) > 0.3).float()
+    mask[:, 0] = 1.0
+    for mode in ppo.LOSS_AGGREGATIONS:
+        whole = ppo.aggregate(x, mask, mode)
+        norm = ppo.loss_normalizer(mask, mode)
+        halves = ppo.aggregate(x[:2], mask[:2], mode, norm) + ppo.aggregate(x[2:], mask[2:], mode, norm)
+        assert close(whole, halves), mode
+
+
+def test_k2_by_hand():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
+    assert close(ppo.kl_k2(lp, ref), [0.5 * 0.25, 0.5 * 1.0])

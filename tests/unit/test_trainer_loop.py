@@ -74,7 +74,10 @@ def test_config_file_then_set_then_flags(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("ppo.betta=1", "ppo.betta: Extra inputs are not permitted"),
-    ("ppo.kl_estimator=k2", "ppo.kl_estimator: Input should be 'k1' or 'k3'"),
+    ("ppo.kl_estimator=k4", "ppo.kl_estimator: Input should be 'k1', 'k2' or 'k3'"),
+    ("ppo.advantage=grpo", "ppo.advantage grpo compares the completions of a prompt: rollout.n must be >= 2, got 1"),
+    ("ppo.advantage=ppo", "ppo.advantage: Input should be 'gae', 'grpo', 'rloo' or 'reinforce_pp'"),
+    ("ppo.minibatch_size=24", "rollout.batch_size x rollout.n (64 x 1) must be a multiple of ppo.minibatch_size (24)"),
     ("rollout.batch_size=10", "multiple of ppo.minibatch_size"),
     ("steps=abc", "steps: Input should be a valid integer"),
     ("ppo.lr=-1", "ppo.lr: Input should be greater than 0"),
@@ -91,6 +94,15 @@ def test_a_missing_key_is_named():
         load(Config, None, [s for s in REQUIRED if not s.startswith("reward_address")])
     with pytest.raises(ConfigError, match="model is required"):
         load(SFTConfig, None, ["data=d", "out=o"])
+
+
+def test_a_critic_free_run_needs_no_reward_model_and_a_critic_one_does():
+    without = [s for s in REQUIRED if not s.startswith("reward_model")]
+    config = load(Config, None, [*without, "ppo.advantage=rloo", "rollout.n=4"])
+    assert not config.critic and config.reward_model is None
+    assert load(Config, None, REQUIRED).critic
+    with pytest.raises(ConfigError, match="reward_model is required with ppo.advantage gae"):
+        load(Config, None, without)
 
 
 def test_defaults_are_for_real_models():
