@@ -114,8 +114,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def guarded(reward_dir, tmp_path_factory):
-    """Auth on, a queue of 4 pairs and a long max wait (so that a flood finds the queue full)."""
-    with _serve(reward_dir, tmp_path_factory, "--max-queue", "4", "--max-wait-ms", "300",
+    """Auth on, a queue of 4 pairs and a long max wait (so that a flood finds the queue full);
+    HTTP bodies read as (raw prompt, prompt + response) pairs."""
+    with _serve(reward_dir, tmp_path_factory, "--max-queue", "4", "--max-wait-ms", "300", "--http-input", "pairs",
                 env={"RLHF_AUTH_TOKEN": TOKEN}) as s:
         yield s
 
@@ -232,46 +233,122 @@ def test_model_info(client):
     assert info.score_mean == pytest.approx(SCORE_MEAN) and info.score_std == pytest.approx(SCORE_STD)
     assert info.eval_accuracy == pytest.approx(0.75)
     assert info.max_pairs == MAX_PAIRS and info.max_batch_size == 64 and info.max_batch_tokens == 16384
+    assert info.max_text_bytes == MAX_TEXT_BYTES
+    assert [(c.name, c.weight, c.kind) for c in info.components] == [("rm", 1.0, "model")]
     assert re.fullmatch(r"[0-9a-f]+", info.instance_id)
 
 
-def test_http_get_reward_matches_library(server, reference):
-    queries = [p + r for p, r in PAIRS]
-    status, body = post(server.http_url, {"query": queries, "prompts": [p for p, _ in PAIRS], "labels": [""] * len(PAIRS)})
+def templated(tok, prompt: str) -> str:
+    """The prompt as OpenRLHF's PromptDataset writes it: apply_chat_template(tokenize=False,
+    add_generation_prompt=True) over one user turn."""
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def openrlhf_single_turn_body(tok, prompt: str, response: str, stopped: bool = True) -> dict:
+    """What OpenRLHF 0.10.x/0.11.0's SingleTurnAgentExecutor posts for one sample: the prompt's ids
+    (tokenized without special tokens) + the generated ids (ending in EOS when the completion
+    stopped on it), decoded with special tokens kept; no Authorization header."""
+    prompt_ids = tok(templated(tok, prompt), add_special_tokens=False)["input_ids"]
+    action_ids = tok(response, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stopped else [])
+    query = tok.decode(prompt_ids + action_ids, skip_special_tokens=False)
+    return {"query": [query], "prompts": [templated(tok, prompt)], "labels": [""]}
+
+
+def openrlhf_padded_batch_body(tok, pairs) -> dict:
+    """What OpenRLHF 0.6-0.8's experience maker (vLLM path) posts for a batch: prompts left-padded
+    to the longest, outputs (ending in EOS) right-padded, the batch decoded with special tokens kept."""
+    prompts = [tok(templated(tok, p), add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    outputs = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, r in pairs]
+    width_in, width_out = max(map(len, prompts)), max(map(len, outputs))
+    pad = tok.pad_token_id
+    sequences = [[pad] * (width_in - len(p)) + p + o + [pad] * (width_out - len(o)) for p, o in zip(prompts, outputs)]
+    return {"query": tok.batch_decode(sequences, skip_special_tokens=False),
+            "prompts": [templated(tok, p) for p, _ in pairs], "labels": [""] * len(pairs)}
+
+
+def test_openrlhf_bodies_score_exactly_like_grpc(server, client, reference):
+    """POST /get_reward with the bodies OpenRLHF builds gives the gRPC Score of the same
+    (prompt, response) pairs: the same token ids reach the model (equal num_tokens, and equal
+    scores for pairs scored alone).
+
+    Mirrors OpenRLHF as read at its tags: v0.11.0 and v0.10.0 (openrlhf/utils/agent.py,
+    SingleTurnAgentExecutor.execute; prompts from openrlhf/datasets/prompts_dataset.py with
+    apply_chat_template(..., tokenize=False, add_generation_prompt=True)); v0.6.0-v0.8.x
+    (openrlhf/trainer/ppo_utils/experience_maker.py, vLLM path: left-padded prompts, right-padded
+    outputs, batch_decode(skip_special_tokens=False); remote_rm_fn posts query/prompts/labels).
+    OpenRLHF's own server (openrlhf/cli/serve_rm.py) strips pad/EOS text and appends one EOS in
+    v0.5.0-v0.8.x; from v0.9.0 it scores the query as sent, which for a completion that stopped on
+    EOS is the same text. A completion cut by max_tokens (no EOS) gets the EOS our reward model was
+    trained to score at, here and over gRPC alike."""
+    tok = reference.tokenizer
+    for prompt, response in PAIRS:
+        (want,) = client.score([(prompt, response)]).results
+        for stopped in (True, False):
+            status, body = post(server.http_url, openrlhf_single_turn_body(tok, prompt, response, stopped))
+            assert status == 200, body
+            assert body["rewards"] == body["scores"] == [want.raw_score], (prompt, stopped)
+            assert body["extra_logs"]["num_tokens"] == [float(want.num_tokens)]
+    want = client.score(PAIRS).results
+    status, body = post(server.http_url, openrlhf_padded_batch_body(tok, PAIRS))
     assert status == 200, body
-    assert len(body["rewards"]) == len(body["scores"]) == len(PAIRS)
+    assert body["rewards"] == pytest.approx([r.raw_score for r in want], abs=1e-6)
+    assert body["extra_logs"]["num_tokens"] == [float(r.num_tokens) for r in want]
+    # prompts are optional in this mode: the query alone says what to score
+    body = openrlhf_padded_batch_body(tok, PAIRS[:2])
+    status, reply = post(server.http_url, {"query": body["query"]})
+    assert status == 200 and reply["rewards"] == pytest.approx([r.raw_score for r in want[:2]], abs=1e-6)
+    # normalize, as on gRPC
+    status, reply = post(server.http_url, {**openrlhf_single_turn_body(tok, *PAIRS[0]), "normalize": True})
+    assert status == 200 and close(reply["rewards"][0], (reference.score(*PAIRS[0]) - SCORE_MEAN) / SCORE_STD)
+
+
+def test_http_pairs_input_templates_the_raw_prompt(guarded, reference):
+    queries = [p + r for p, r in PAIRS[:3]]
+    status, body = post(guarded.http_url, {"query": queries, "prompts": [p for p, _ in PAIRS[:3]]}, TOKEN)
+    assert status == 200, body
     for got, (p, r) in zip(body["rewards"], PAIRS):
         assert close(got, reference.score(p, r))
-    assert body["extra_logs"]["truncated"] == [0.0] * len(PAIRS)
-    status, body = post(server.http_url, {"query": queries[:1], "prompts": [PAIRS[0][0]], "normalize": True})
-    assert status == 200
-    assert close(body["rewards"][0], (reference.score(*PAIRS[0]) - SCORE_MEAN) / SCORE_STD)
+    status, body = post(guarded.http_url, {"query": ["Hello there"], "prompts": ["Bye"]}, TOKEN)
+    assert status == 400 and "query[0] must start with prompts[0]" in body["error"]
+    status, body = post(guarded.http_url, {"query": ["Hi"], "prompts": ["Hi"]}, TOKEN)
+    assert status == 400 and "must not be empty" in body["error"]
+    status, body = post(guarded.http_url, {"query": ["Hi there"]}, TOKEN)
+    assert status == 400 and "prompts must be a list of strings" in body["error"]
 
 
 def test_http_bad_input(server, client, reference):
-    status, body = post(server.http_url, {"query": ["Hello there"], "prompts": ["Bye"]})
-    assert status == 400 and "query[0] must start with prompts[0]" in body["error"]
     status, body = post(server.http_url, {"query": [], "prompts": []})
     assert status == 400 and "--max-pairs" in body["error"]
-    status, body = post(server.http_url, {"query": ["Hi"], "prompts": ["Hi"]})
-    assert status == 400 and "must not be empty" in body["error"]
+    status, body = post(server.http_url, {"query": [""]})
+    assert status == 400 and "query[0] must not be empty" in body["error"]
     status, body = post(server.http_url, {"prompts": ["Hi"]})
     assert status == 400 and "query must be a list of strings" in body["error"]
+    status, body = post(server.http_url, {"query": ["a", "b"], "prompts": ["a"]})
+    assert status == 400 and "one prompt per query" in body["error"]
     status, body = post(server.http_url, b"{not json")
     assert status == 400 and "JSON" in body["error"]
-    status, body = post(server.http_url, {"query": ["Hi there"], "prompts": ["Hi"], "truncation": "middle"})
+    status, body = post(server.http_url, {"query": ["Hi there"], "truncation": "middle"})
     assert status == 400 and "truncation" in body["error"]
     assert_serving(client, reference)
 
 
 def test_metrics_exported(server, client):
     client.scores(PAIRS[:2])
+    post(server.http_url, {"query": ["<|user|>Hi<|assistant|>Hello"]})
+    post(server.http_url, {"query": "not a list"})
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    for name in ("rlhf_reward_samples_total", 'rlhf_reward_requests_total{method="Score"}', "rlhf_reward_batch_size_bucket",
+    for name in ("rlhf_reward_samples_total", "rlhf_reward_batch_size_bucket",
                  "rlhf_reward_batch_tokens_bucket", "rlhf_reward_queue_seconds_bucket",
                  "rlhf_reward_inference_seconds_bucket", "rlhf_reward_score_bucket", "rlhf_reward_queue_depth",
+                 'rlhf_reward_component_value_bucket{component="rm"',
+                 'rlhf_reward_http_requests_total{code="200",path="/get_reward"}',
+                 'rlhf_reward_http_requests_total{code="400",path="/get_reward"}',
+                 'rlhf_reward_http_request_seconds_bucket{le="0.005",path="/get_reward"}',
+                 "rlhf_reward_http_requests_in_flight",
                  'grpc_server_handled_total{grpc_code="OK",grpc_method="Score"'):
         assert name in text, name
+    # one request counter per method is the interceptor's; the service adds none of its own
+    assert "rlhf_reward_requests_total" not in text
     assert _metric(server, "rlhf_reward_samples_total") >= 2
 
 
@@ -307,8 +384,9 @@ def test_keep_end_of_prompt_truncates_and_reports(server, client, reference):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "(prompt, first)" in e.value.details() and f"--max-length={MAX_LENGTH}" in e.value.details()
 
-    status, body = post(server.http_url, {"query": [long_prompt + response], "prompts": [long_prompt],
-                                              "truncation": "keep_end_of_prompt"})
+    tok = reference.tokenizer
+    status, body = post(server.http_url, {**openrlhf_single_turn_body(tok, long_prompt, response),
+                                          "truncation": "keep_end_of_prompt"})
     assert status == 200 and body["extra_logs"]["truncated"] == [1.0]
     assert close(body["rewards"][0], cut.raw_score)
 
