@@ -501,3 +501,178 @@ def test_clients_import_without_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "assert 'vllm' not in sys.modules, 'vllm was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---- chat messages over gRPC ------------------------------------------------------------------------
+
+def test_messages_prompt_over_grpc(client, reference):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    rendered = reference.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = reference.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    (as_chat,), (as_ids,) = client.score([(chat, "Blue.")]).results, client.score([(ids, "Blue.")]).results
+    assert as_chat.raw_score == as_ids.raw_score and as_chat.num_tokens == as_ids.num_tokens
+    (one_turn,), (text,) = client.score([([chat[1]], "Blue.")]).results, client.score([("Name a color.", "Blue.")]).results
+    assert one_turn.raw_score == text.raw_score
+    cmp = client.compare(chat, "Blue.", "I refuse.")
+    assert close(cmp.first_score, as_chat.raw_score)
+    for bad, words in [([{"role": "", "content": "x"}], ["pairs[0].prompt.messages.messages[0].role", "empty"]),
+                       ([{"role": "user", "content": "x" * MAX_TEXT_BYTES}],
+                        ["pairs[0].prompt.messages.messages", f"--max-text-bytes={MAX_TEXT_BYTES}"])]:
+        with pytest.raises(grpc.RpcError) as e:
+            client.score([(bad, "ok")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for w in words:
+            assert w in e.value.details(), (w, e.value.details())
+    with pytest.raises(grpc.RpcError) as e:
+        client.score([("Hi", chat)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages are for prompts" in e.value.details()
+
+
+# ---- a reward model and reward functions, mixed -----------------------------------------------------
+
+FUNCTIONS = '''
+def politeness(prompt, response):
+    return 1.0 if "please" in response.lower() else 0.0
+
+
+def strict(prompt, response):
+    if "boom" in response:
+        raise ValueError("cannot grade this")
+    return -1.0 if "?" in prompt else 0.0
+'''
+WEIGHTS = {"rm": 1.5, "polite": 0.5, "strict": 1.0, "long": -0.1}
+
+
+@pytest.fixture(scope="module")
+def mixed(reward_dir, tmp_path_factory):
+    """The model and three functions (two imported from a module of the test's, one built-in);
+    auth on for gRPC, off for HTTP (--http-no-auth)."""
+    lib = tmp_path_factory.mktemp("functions")
+    (lib / "reward_functions_of_the_test.py").write_text(FUNCTIONS)
+    mod = "reward_functions_of_the_test"
+    with _serve(reward_dir, tmp_path_factory, "--reward-function", f"polite={mod}:politeness",
+                "--reward-function", f"strict={mod}:strict", "--reward-function", "long=builtin:length:words",
+                "--reward-mix", ",".join(f"{k}={v}" for k, v in WEIGHTS.items()), "--http-no-auth",
+                env={"RLHF_AUTH_TOKEN": TOKEN, "PYTHONPATH": f"{lib}:{sys.path[0]}"}) as s:
+        s.client_config = ClientConfig(auth_token=TOKEN)
+        yield s
+
+
+def by_hand(reference, prompt: str, response: str) -> dict:
+    return {"rm": reference.score(prompt, response), "polite": float("please" in response.lower()),
+            "strict": -1.0 if "?" in prompt else 0.0, "long": float(len(response.split()))}
+
+
+def test_mix_of_model_and_functions(mixed, reference):
+    pairs = [("Name a color.", "Blue, please."), ("What is 2+2?", "It is 4 I think")]
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        reply = c.score(pairs)
+        normalized = c.score(pairs[:1], normalize=True).results[0]
+        cmp = c.compare("What is 2+2?", "4.", "Four, please.")
+    for res, (p, r) in zip(reply.results, pairs):
+        values = by_hand(reference, p, r)
+        assert dict(res.components) == pytest.approx(values, abs=1e-4)
+        want = sum(WEIGHTS[k] * v for k, v in values.items())
+        assert close(res.raw_score, want) and res.score == res.raw_score
+    z = (reference.score(*pairs[0]) - SCORE_MEAN) / SCORE_STD
+    assert close(normalized.components["rm"], z)
+    assert close(normalized.score, 1.5 * z + 0.5 * 1.0 + 0.0 - 0.1 * 2)
+    a = sum(WEIGHTS[k] * v for k, v in by_hand(reference, "What is 2+2?", "4.").items())
+    b = sum(WEIGHTS[k] * v for k, v in by_hand(reference, "What is 2+2?", "Four, please.").items())
+    assert close(cmp.first_score, a) and close(cmp.second_score, b)
+    assert cmp.prob_first_preferred == pytest.approx(1 / (1 + math.exp(b - a)), abs=1e-5)
+
+
+def test_mixed_model_info_lists_the_components(mixed, reward_dir):
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        info = c.model_info()
+    assert [(x.name, x.weight, x.kind, x.source) for x in info.components] == [
+        ("rm", 1.5, "model", str(reward_dir)), ("polite", 0.5, "function", "reward_functions_of_the_test:politeness"),
+        ("strict", 1.0, "function", "reward_functions_of_the_test:strict"),
+        ("long", -0.1, "function", "builtin:length:words")]
+    assert re.fullmatch(r"[0-9a-f]{16}", info.model_version) and info.architecture == "LlamaForSequenceClassification"
+
+
+def test_a_raising_function_is_invalid_argument_naming_pair_and_function(mixed, reference):
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.score([("Hi", "fine"), ("Hi", "boom goes the answer")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("reward function strict (reward_functions_of_the_test:strict) failed on pairs[1]: "
+                "ValueError: cannot grade this") in e.value.details()
+        (res,) = c.score([("Hi", "fine")]).results  # the server goes on
+    assert close(res.components["rm"], reference.score("Hi", "fine"))
+
+
+def test_http_no_auth_opens_only_the_http_port_with_the_same_mix(mixed, reference):
+    tok = reference.tokenizer
+    prompt, response = "What is 2+2?", "4, please."
+    status, body = post(mixed.http_url, openrlhf_single_turn_body(tok, prompt, response))  # no token
+    assert status == 200, body
+    values = by_hand(reference, prompt, response)
+    assert close(body["rewards"][0], sum(WEIGHTS[k] * v for k, v in values.items()))
+    assert body["extra_logs"]["component_polite"] == [1.0] and body["extra_logs"]["component_long"] == [2.0]
+    with RewardClient(mixed.address, ClientConfig()) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.score([(prompt, response)])
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    log = mixed.log_tail(200)
+    assert "WARNING" in log and "--http-no-auth" in log and "NetworkPolicy" in log
+    text = urllib.request.urlopen(mixed.metrics_url, timeout=10).read().decode()
+    assert 'rlhf_reward_component_value_count{component="polite"}' in text
+
+
+# ---- reward functions only: no model, no torch ------------------------------------------------------
+
+NO_TORCH = ("import sys\n"
+            "for name in ('torch', 'transformers'):\n"
+            "    sys.modules[name] = None  # import torch -> ImportError\n"
+            "from services.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_rules_only_service_runs_without_torch(tmp_path_factory):
+    port, http_port = free_port(), free_port()
+    argv = [sys.executable, "-c", NO_TORCH, "serve", "reward", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--http-port", str(http_port), "--reward-function", "fmt=builtin:regex:[A-Z].*\\.",
+            "--reward-function", "long=builtin:length:words:3", "--reward-mix", "fmt=1,long=-0.5"]
+    log = tmp_path_factory.mktemp("logs") / "rules.log"
+    with ChildServer(argv, port=port, service=SERVICE, env={"RLHF_AUTH_TOKEN": ""}, log_path=log,
+                     ready_timeout=120) as s, RewardClient(s.address, ClientConfig()) as c:
+        good, long = c.score([("Q?", "Fine."), ("Q?", "a b c d e f")]).results
+        assert (good.score, dict(good.components)) == (1.0, {"fmt": 1.0, "long": 0.0})
+        assert (long.score, dict(long.components)) == (-1.5, {"fmt": 0.0, "long": 3.0})
+        for bad, what in [([5, 6, 7], "token ids"), ([{"role": "user", "content": "Q?"}], "messages")]:
+            with pytest.raises(grpc.RpcError) as e:
+                c.score([(bad, "Fine.")])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"{what} need the reward model's tokenizer" in e.value.details()
+        info = c.model_info()
+        assert [x.name for x in info.components] == ["fmt", "long"] and info.model_name == "" and info.max_length == 0
+        status, body = post(f"http://127.0.0.1:{http_port}/get_reward",
+                            {"query": ["<|user|>Q?<|assistant|>Fine."], "prompts": ["<|user|>Q?<|assistant|>"]})
+        assert status == 200 and body["rewards"] == [1.0], body
+    # the interpreter the server ran in could not have imported torch
+    blocked = subprocess.run([sys.executable, "-c", NO_TORCH.split("from services")[0] + "import torch\n"],
+                             capture_output=True, text=True, timeout=60)
+    assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--reward-function", "fmt"], ["NAME=SPEC"]),
+    (["--reward-function", "x=no_such_module_anywhere:f"], ["cannot import no_such_module_anywhere"]),
+    (["--reward-function", "x=json:__name__"], ["not a callable"]),
+    (["--reward-function", "x=builtin:regex:(["], ["not a valid regular expression"]),
+    (["--reward-function", "x=builtin:length", "--reward-mix", "x=1,rm=1"], ["no component named rm"]),
+    (["--reward-function", "x=builtin:length", "--reward-function", "y=builtin:length", "--reward-mix", "x=1"],
+     ["no weight to y"]),
+    ([], ["nothing to score with"]),
+    (["--reward-function", "x=builtin:length", "--http-max-concurrency", "0"], ["--http-max-concurrency"]),
+])
+def test_bad_reward_configuration_exits_2_before_serving(capsys, flags, words):
+    from services.cli import main
+
+    assert main(["serve", "reward", "--port", str(free_port()), "--metrics-port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, (w, err)

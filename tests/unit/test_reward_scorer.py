@@ -87,8 +87,8 @@ def score(loop, scorer, items, **kw):
 
 def test_one_user_message_scores_like_the_same_text(loop, plain):
     q, a = "How do I prepare for my calculus exam?", "Practice old exams."
-    text, chat = score(loop, plain, [pair(q, a), pair((ChatMessage("user", q),), a)])
-    assert chat.raw_score == text.raw_score and chat.num_tokens == text.num_tokens
+    (text,), (chat,) = score(loop, plain, [pair(q, a)]), score(loop, plain, [pair((ChatMessage("user", q),), a)])
+    assert chat.raw_score == text.raw_score and chat.num_tokens == text.num_tokens  # alone: bit for bit
 
 
 def test_a_conversation_scores_like_the_ids_of_its_rendered_template(loop, plain):
@@ -99,7 +99,7 @@ def test_a_conversation_scores_like_the_ids_of_its_rendered_template(loop, plain
                                        add_generation_prompt=True)
     assert rendered.endswith("<|assistant|>") and rendered.count("<|user|>") == 2
     ids = tok(rendered, add_special_tokens=False)["input_ids"]
-    as_chat, as_ids = score(loop, plain, [pair(chat, "Blue."), pair(ids, "Blue.")])
+    (as_chat,), (as_ids,) = score(loop, plain, [pair(chat, "Blue.")]), score(loop, plain, [pair(ids, "Blue.")])
     assert as_chat.raw_score == as_ids.raw_score and as_chat.num_tokens == as_ids.num_tokens
 
 
