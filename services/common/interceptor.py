@@ -149,11 +149,9 @@ def _refusal(handler: grpc.RpcMethodHandler, service: str, method: str,
 
     async def refuse(request_iterator, context):
         rpc = _Rpc(grpc_type, service, method)
+        rpc.code = denial[0]
         try:
             await context.abort(*denial)
-        except BaseException as exc:
-            await rpc.fail(exc, context)
-            raise
         finally:
             rpc.done(context)
 
