@@ -62,12 +62,6 @@ class HttpSettings:
     tls_key: str | None = None
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-
-
 def _str_list(body: dict, key: str) -> list[str]:
     value = body.get(key)
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
@@ -117,6 +111,10 @@ def _parse_json(data: bytes):
         raise errors.InvalidArgument(f"the body must be JSON: {exc}") from None
 
 
+def _error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
 def _reply(results: list[PairResult], version: str) -> dict:
     rewards = [r.score for r in results]
     extra = {"raw_score": [r.raw_score for r in results], "truncated": [float(r.truncated) for r in results],
@@ -157,45 +155,43 @@ class RewardEndpoint:
             metrics.HTTP_REQUESTS.labels(path, str(status)).inc()
             metrics.HTTP_SECONDS.labels(path).observe(time.perf_counter() - start)
 
-    def _check_headers(self, request: web.Request) -> None:
+    def _refusal(self, request: web.Request) -> web.Response | None:
         """Everything that can refuse a request before one byte of its body is read."""
         if self._expected is not None:
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, self._expected):  # constant time
-                raise _Refused(401, "missing or invalid bearer token in the Authorization header",
-                               {"WWW-Authenticate": "Bearer"})
+                return _error(401, "missing or invalid bearer token in the Authorization header",
+                              {"WWW-Authenticate": "Bearer"})
         if self.in_flight >= self.s.max_concurrency:
-            raise _Refused(429, f"{self.in_flight} requests in flight, limit --http-max-concurrency="
-                                f"{self.s.max_concurrency}; retry later", {"Retry-After": "1"})
+            return _error(429, f"{self.in_flight} requests in flight, limit --http-max-concurrency="
+                               f"{self.s.max_concurrency}; retry later", {"Retry-After": "1"})
         if request.content_length is not None and request.content_length > self.s.max_body_bytes:
-            raise _Refused(413, f"the body is {request.content_length} bytes, limit --max-message-bytes="
-                                f"{self.s.max_body_bytes}")
+            return _error(413, f"the body is {request.content_length} bytes, limit --max-message-bytes="
+                               f"{self.s.max_body_bytes}")
+        return None
 
     async def get_reward(self, request: web.Request) -> web.Response:
-        try:
-            self._check_headers(request)
-        except _Refused as exc:
-            return web.json_response({"error": str(exc)}, status=exc.status, headers=exc.headers)
+        refusal = self._refusal(request)
+        if refusal is not None:
+            return refusal
         self.in_flight += 1
         metrics.HTTP_IN_FLIGHT.inc()
         try:
             try:
                 data = await request.read()  # stops with 413 past client_max_size (a body without a length)
             except web.HTTPRequestEntityTooLarge:
-                return web.json_response({"error": f"the body is over the limit --max-message-bytes="
-                                                   f"{self.s.max_body_bytes}"}, status=413)
+                return _error(413, f"the body is over the limit --max-message-bytes={self.s.max_body_bytes}")
             # Parsing megabytes of JSON takes a while: off the event loop.
             body = await asyncio.to_thread(_parse_json, data)
-            del data
+            del data  # not needed while the pairs are scored
             items, truncation, normalize = parse_request(body, self.s.input, self.scorer)
             results = await self.scorer.score(items, truncation, normalize, field="query")
             return web.json_response(_reply(results, self.scorer.version))
         except errors.ServiceError as exc:
-            status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-            return web.json_response({"error": str(exc)}, status=status)
+            return _error(next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500), str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, and said to be ours (500)
             log.exception("POST %s failed", PATH)
-            return web.json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, status=500)
+            return _error(500, f"internal error: {type(exc).__name__}: {exc}")
         finally:
             self.in_flight -= 1
             metrics.HTTP_IN_FLIGHT.dec()

@@ -242,14 +242,14 @@ class Scorer:
             raise InvalidArgument(f"truncation must be one of {list(TRUNCATIONS)}, got {truncation!r}")
         return truncation
 
-    def check_text(self, text: str, field: str, limit: int | None = None, empty_ok: bool = False) -> str:
-        limit = limit or self.s.max_text_bytes
-        n = utf8_size(text, field)
+    def check_text(self, text: str, field: str, empty_ok: bool = False, texts: int = 1) -> str:
+        """Non-empty UTF-8 within --max-text-bytes (or `texts` times it: a query holds a prompt and a response)."""
+        n, limit = utf8_size(text, field), texts * self.s.max_text_bytes
         if not n and not empty_ok:
             raise InvalidArgument(f"{field} must not be empty")
         if n > limit:
-            what = "--max-text-bytes" if limit == self.s.max_text_bytes else "2 x --max-text-bytes"
-            raise InvalidArgument(f"{field} is {n} bytes, limit {what}={limit}")
+            raise InvalidArgument(f"{field} is {n} bytes, limit {'2 x ' if texts == 2 else ''}"
+                                  f"--max-text-bytes={self.s.max_text_bytes}")
         return text
 
     def _need_model(self, field: str, what: str) -> None:
@@ -299,14 +299,11 @@ class Scorer:
         loop = asyncio.get_running_loop()
         # Checking and tokenizing 256 long texts takes a while: off the event loop.
         prepared = await loop.run_in_executor(self._prepare_pool, lambda: [self._prepare(x, truncation) for x in items])
-        work = []
-        if self.batcher is not None:
-            work.append(self.batcher.submit([p.ids for p in prepared]))
-        if self.functions:
-            work.append(loop.run_in_executor(self._rules_pool, self._apply_functions, prepared, items))
-        outputs = await _all(work)
-        rm_scores = outputs.pop(0) if self.batcher is not None else None
-        fn_values = outputs.pop(0) if self.functions else None
+        # The model and the functions at the same time.
+        rm_scores, fn_values = await _all([
+            self.batcher.submit([p.ids for p in prepared]) if self.batcher is not None else _none(),
+            loop.run_in_executor(self._rules_pool, self._apply_functions, prepared, items) if self.functions
+            else _none()])
         return [self._mix(p, rm_scores[i] if rm_scores else None, fn_values[i] if fn_values else (), normalize)
                 for i, p in enumerate(prepared)]
 
@@ -318,12 +315,11 @@ class Scorer:
         ids, truncated, texts = None, False, None
         tok = self.tokenizer
         if self.model is not None:
+            prompt_ids, response_ids = tokens.prompt_ids(tok, prompt, item.prompt_field), tokens.response_ids(tok, response)
             try:
-                ids, truncated = tokens.fit(tokens.prompt_ids(tok, prompt, item.prompt_field),
-                                            tokens.response_ids(tok, response), self.max_length, truncation)
+                ids, truncated = tokens.fit(prompt_ids, response_ids, self.max_length, truncation)
             except InvalidArgument as exc:
-                raise InvalidArgument(f"{item.name}: {exc} (--max-length={self.max_length}, "
-                                      f"truncation={truncation})") from None
+                raise self._too_long(item.name, exc, truncation) from None
         if self.functions:
             # Text prompts as sent; conversations rendered and token ids decoded as the model reads them.
             p = prompt if isinstance(prompt, str) else tokens.prompt_text(tok, prompt, item.prompt_field)
@@ -331,7 +327,7 @@ class Scorer:
         return _Prepared(ids, truncated, texts)
 
     def _prepare_query(self, q: Query, truncation: str) -> _Prepared:
-        self.check_text(q.text, q.text_field, limit=2 * self.s.max_text_bytes)
+        self.check_text(q.text, q.text_field, texts=2)
         if q.prompt is not None:
             self.check_text(q.prompt, q.prompt_field, empty_ok=True)
         tok = self.tokenizer
@@ -344,14 +340,16 @@ class Scorer:
             try:
                 ids, truncated = tokens.query_ids(tok, text, prompt if starts else None, self.max_length, truncation)
             except InvalidArgument as exc:
-                raise InvalidArgument(f"{q.name}: {exc} (--max-length={self.max_length}, "
-                                      f"truncation={truncation})") from None
+                raise self._too_long(q.name, exc, truncation) from None
         if self.functions:
             if not starts:
                 raise InvalidArgument(f"{q.name}: the reward functions read the response apart from its prompt, so "
                                       f"{q.text_field} must start with {q.prompt_field}")
             texts = (prompt, text[len(prompt):])
         return _Prepared(ids, truncated, texts)
+
+    def _too_long(self, name: str, exc: InvalidArgument, truncation: str) -> InvalidArgument:
+        return InvalidArgument(f"{name}: {exc} (--max-length={self.max_length}, truncation={truncation})")
 
     def _apply_functions(self, prepared: list[_Prepared], items) -> list[list[float]]:
         return [[f(*p.texts, item.name) for f in self.functions] for p, item in zip(prepared, items)]
@@ -390,6 +388,10 @@ class Scorer:
             instance_id=self.instance_id, max_pairs=self.s.max_pairs, max_batch_size=self.s.max_batch_size,
             max_batch_tokens=self.s.max_batch_tokens, components=self.components(),
             max_text_bytes=self.s.max_text_bytes)
+
+
+async def _none() -> None:
+    return None
 
 
 async def _all(awaitables: list) -> list:
