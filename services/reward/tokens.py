@@ -7,7 +7,6 @@ EOS, the prompt templated exactly once.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence, Union
 
 from services.common.errors import InvalidArgument
@@ -95,21 +94,26 @@ def response_text(tokenizer, response: Union[str, list[int]]) -> str:
 def strip_padding(tokenizer, text: str) -> str:
     """`text` without pad and EOS token text at either end, as OpenRLHF's own reward server strips
     a query before it appends one EOS (a decoded batch is left-padded before the prompt and
-    right-padded after the response's EOS)."""
+    right-padded after the response's EOS). Linear in the text, whatever it holds."""
     marks = [t for t in (tokenizer.eos_token, tokenizer.pad_token) if t]
-    if not marks:
-        return text
-    alternatives = "|".join(re.escape(t) for t in marks)
-    return re.sub(f"^(?:{alternatives})+|(?:{alternatives})+$", "", text)
+    start, end, moved = 0, len(text), True
+    while moved:
+        moved = False
+        for mark in marks:
+            if text.startswith(mark, start, end):
+                start, moved = start + len(mark), True
+            if text.endswith(mark, start, end):
+                end, moved = end - len(mark), True
+    return text[start:end]
 
 
 def query_ids(tokenizer, query: str, prompt: str | None, max_length: int, truncation: str,
               ) -> tuple[list[int], bool]:
-    """An OpenRLHF query (the whole templated sequence, special-token text kept, padded or not) as
-    OpenRLHF's server reads it: stripped of pad/EOS text, one EOS appended, tokenized as it is (no
-    second template). Cutting a too-long query needs to know where its prompt ends: `prompt`, the
-    stripped prompt it starts with, or None when it does not start with one."""
-    ids = _tokens(tokenizer, strip_padding(tokenizer, query) + tokenizer.eos_token)
+    """An OpenRLHF query, already stripped of its padding (strip_padding), as OpenRLHF's server
+    reads it: one EOS appended, tokenized as it is (no second template). Cutting a too-long query
+    needs to know where its prompt ends: `prompt`, the stripped prompt it starts with, or None
+    when it does not start with one."""
+    ids = _tokens(tokenizer, query + tokenizer.eos_token)
     if len(ids) <= max_length:
         return ids, False
     if truncation == "reject":
