@@ -151,6 +151,9 @@ def sigmoid(x: float) -> float:
 
 
 class Scorer:
+    """What a reward is here: the model (optional), the functions and their weights; `score` and
+    `compare` for the front ends, `info` for what is served."""
+
     def __init__(self, settings: RewardSettings):
         settings.check()
         self.s = settings
