@@ -10,6 +10,8 @@ same samples:
   score        gRPC Score, requests of --batch pairs one after another, vs the
                in-process batched forward (tokenize + score_batch, same batch size); target >= 0.85
   stream       ScoreStream with the same requests pipelined on one stream, vs the same baseline
+  http         POST /get_reward (OpenRLHF's protocol: JSON, templated queries ending in EOS) with the same
+               requests one after another, vs the same baseline: what the JSON door costs next to gRPC
   32 clients   --clients concurrent clients sending one pair each, batched server vs the server
                that handles them one at a time; target >= 4x; p50/p99 per-request latency
   ceiling      the same bursts in this process: one forward of all --clients pairs vs one forward
@@ -33,6 +35,7 @@ import random
 import tempfile
 import threading
 import time
+import urllib.request
 
 import psutil
 
@@ -89,6 +92,19 @@ class PeakRss:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+
+
+def openrlhf_bodies(tok, chunks) -> list[bytes]:
+    """Each chunk as OpenRLHF posts it: the templated prompt + response + EOS as one query."""
+    return [json.dumps({"query": [format_prompt(tok, p) + r + tok.eos_token for p, r in chunk]}).encode()
+            for chunk in chunks]
+
+
+def post_all(url: str, bodies: list[bytes]) -> None:
+    for body in bodies:
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
 
 
 def serve(model_dir: pathlib.Path, log_dir: pathlib.Path, name: str, threads: int, *extra: str) -> ChildServer:
@@ -185,7 +201,9 @@ def bench_model(name: str, model_dir: pathlib.Path, log_dir: pathlib.Path, args)
     base = InProcess(model_dir, args.batch)
     label = f"{name} ({base.params / 1e6:.1f}M params)"
     rows = []
-    with serve(model_dir, log_dir, f"{name}-batched", args.threads) as fast, \
+    http_port = free_port()
+    bodies = openrlhf_bodies(base.tok, chunks)
+    with serve(model_dir, log_dir, f"{name}-batched", args.threads, "--http-port", str(http_port)) as fast, \
             serve(model_dir, log_dir, f"{name}-unbatched", args.threads, "--max-batch-size", "1", "--max-wait-ms", "0") as slow, \
             PeakRss(fast.pid) as rss, RewardClient(fast.address, ClientConfig()) as client:
         # CPU counted: this process alone for the baseline; this process (the client) + the server otherwise.
@@ -194,6 +212,7 @@ def bench_model(name: str, model_dir: pathlib.Path, log_dir: pathlib.Path, args)
             "in-process": (here, lambda: base(pairs)),
             "Score": (service, lambda: [client.score(ch) for ch in chunks]),
             "ScoreStream": (service, lambda: list(client.score_stream(chunks))),
+            "HTTP": (service, lambda: post_all(f"http://127.0.0.1:{http_port}/get_reward", bodies)),
         }
         for _, fn in runs.values():
             fn()  # warm-up: connections, first forward, allocator
@@ -220,7 +239,8 @@ def bench_model(name: str, model_dir: pathlib.Path, log_dir: pathlib.Path, args)
     rate_cpu = {k: len(pairs) / v for k, v in cpu.items()}
     ms = lambda xs, q: round(1000 * percentile(xs, q), 1)  # noqa: E731
     for key, case in (("Score", f"gRPC Score ({args.batch} pairs/request) vs in-process batched forward"),
-                      ("ScoreStream", "gRPC ScoreStream (pipelined) vs in-process batched forward")):
+                      ("ScoreStream", "gRPC ScoreStream (pipelined) vs in-process batched forward"),
+                      ("HTTP", f"HTTP POST /get_reward ({args.batch} queries/request) vs in-process batched forward")):
         rows.append(dict(model=label, case=case, service=round(rate[key], 1), baseline=round(rate["in-process"], 1),
                          unit="pairs/s", ratio=round(rate[key] / rate["in-process"], 2),
                          cpu_ratio=round(rate_cpu[key] / rate_cpu["in-process"], 2), target=">= 0.85"))

@@ -117,18 +117,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "two full pushes (default: the temp dir; /dev/shm is faster but holds them in RAM)")
     add_server_args(p, port=50051, metrics_port=9101)
 
-    p = _command(serve, "reward", "services.reward.main:main", "serve RewardService")
-    p.add_argument("--model", required=True)
+    p = _command(serve, "reward", "services.reward.main:main",
+                 "serve RewardService: a reward model, reward functions, or a weighted mix of them")
+    p.add_argument("--model", default=None, help="reward model directory (optional with --reward-function)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the model's)")
     p.add_argument("--max-pairs", type=int, default=256, help="limit of pairs per Score")
-    p.add_argument("--max-text-bytes", type=int, default=65536, help="limit of one prompt or response")
+    p.add_argument("--max-text-bytes", type=int, default=65536,
+                   help="limit of one prompt or response (a conversation: all its messages)")
     p.add_argument("--max-batch-size", type=int, default=64, help="pairs per forward pass")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill")
     p.add_argument("--max-queue", type=int, default=4096, help="pairs waiting; beyond it RESOURCE_EXHAUSTED")
+    p.add_argument("--reward-function", action="append", default=[], metavar="NAME=SPEC",
+                   help="a reward function next to (or instead of) the model; repeat for several. SPEC is "
+                        "module:function (a callable (prompt, response) -> float), builtin:length[:chars|words[:FREE]] "
+                        "or builtin:regex:PATTERN (1.0 when the whole response matches)")
+    p.add_argument("--reward-mix", default=None, metavar="NAME=WEIGHT,...",
+                   help="weight of each component in the score, e.g. rm=1.0,length=-0.01 (rm is the model; "
+                        "default: every weight 1)")
     p.add_argument("--http-port", type=int, default=0, help="OpenRLHF-compatible POST /get_reward (0 = off)")
+    p.add_argument("--http-input", choices=["openrlhf", "pairs"], default="openrlhf",
+                   help="openrlhf (default): query is the templated sequence OpenRLHF decodes, scored as "
+                        "OpenRLHF's own server scores it; pairs: query = raw prompt + response, the prompt "
+                        "templated here")
+    p.add_argument("--http-no-auth", action="store_true",
+                   help="serve the HTTP port without the bearer token (OpenRLHF sends none); the gRPC port keeps "
+                        "it. Guard the port with a NetworkPolicy")
+    p.add_argument("--http-max-concurrency", type=int, default=64,
+                   help="HTTP requests answered at once; beyond it 429 at once (default 64)")
     add_server_args(p, port=50052, metrics_port=9102)
 
     # rlhf demo

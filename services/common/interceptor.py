@@ -89,11 +89,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         denial = None
         if not self._authorized(service, details.invocation_metadata):
             denial = (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token in the 'authorization' metadata")
-        elif not self.ready and service not in OPEN_SERVICES:
+        elif not self.ready:
             denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is loading its model; retry when health says SERVING")
         elif self.draining:
             denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down; retry on another replica")
-        return _wrap(handler, service, method, denial, self)
+        if denial:
+            return _refusal(handler, service, method, denial)
+        return _wrap(handler, service, method, self)
 
 
 class _Undecodable:
@@ -128,12 +130,45 @@ async def _checked_stream(requests, what: str):
         yield _checked(request, what)
 
 
+_GRPC_TYPES = {(False, False): "unary", (False, True): "server_stream",
+               (True, False): "client_stream", (True, True): "bidi_stream"}
+
+
+def _refusal(handler: grpc.RpcMethodHandler, service: str, method: str,
+             denial: tuple[grpc.StatusCode, str]) -> grpc.RpcMethodHandler:
+    """A handler that refuses the call without reading its request.
+
+    For a unary request grpc reads and parses the whole message before calling the
+    handler, so a refusal there would come after an anonymous caller's 60 MB had
+    been received and decoded. A request-streaming handler is called first and reads
+    only when asked; this one never asks, so flow control keeps the body on the
+    caller's side. The wire format of a unary call and of a stream of one message is
+    the same, so the caller sees its status as usual.
+    """
+    grpc_type = _GRPC_TYPES[(handler.request_streaming, handler.response_streaming)]
+
+    async def refuse(request_iterator, context):
+        rpc = _Rpc(grpc_type, service, method)
+        rpc.code = denial[0]
+        try:
+            await context.abort(*denial)
+        finally:
+            rpc.done(context)
+
+    async def refuse_stream(request_iterator, context):
+        await refuse(request_iterator, context)
+        yield  # never reached: makes this an async generator, as a streaming handler must be
+
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    return grpc.stream_unary_rpc_method_handler(refuse)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
-          denial: tuple[grpc.StatusCode, str] | None, owner: "ServerInterceptor") -> grpc.RpcMethodHandler:
-    """The handler with bookkeeping and error mapping around it, or a denial (auth, loading)."""
+          owner: "ServerInterceptor") -> grpc.RpcMethodHandler:
+    """The handler with bookkeeping and error mapping around it."""
     streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-    grpc_type = {(False, False): "unary", (False, True): "server_stream",
-                 (True, False): "client_stream", (True, True): "bidi_stream"}[(streaming_in, streaming_out)]
+    grpc_type = _GRPC_TYPES[(streaming_in, streaming_out)]
     codec = dict(request_deserializer=_lenient(handler.request_deserializer),
                  response_serializer=handler.response_serializer)
     what = f"{service}/{method} request"
@@ -146,8 +181,6 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
             rpc = _Rpc(grpc_type, service, method)
             owner.in_flight += 1
             try:
-                if denial:
-                    await context.abort(*denial)
                 return await behavior(check(request), context)
             except BaseException as exc:
                 await rpc.fail(exc, context)
@@ -165,8 +198,6 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
         rpc = _Rpc(grpc_type, service, method)
         owner.in_flight += 1
         try:
-            if denial:
-                await context.abort(*denial)
             async for response in behavior(check(request), context):
                 yield response
         except BaseException as exc:

@@ -5,16 +5,68 @@ separately, without special tokens, and end the response with EOS: prompt_ids + 
 Tokenizing the two parts apart keeps the prompt/response boundary exact (BPE merges never cross it), so
 the tokens the policy generated are the tokens that get scored and trained on.
 
+A conversation (chat messages) is rendered by `render_messages`, on the policy and the reward service
+alike, so the same conversation gives the same prompt tokens on both.
+
 No torch here: the tokenizer is any object with the Hugging Face tokenizer interface.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Sequence
+
+from services.common.errors import InvalidArgument
+
+MAX_MESSAGES = 256  # common.proto: ChatMessages.messages
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+def render_messages(tokenizer, messages: Sequence[ChatMessage], field: str = "messages") -> str:
+    """The conversation as the model reads it: the tokenizer's chat template with the generation
+    prompt appended (the assistant turn opened), as vLLM's chat API renders it. Tokenize the result
+    with add_special_tokens=False: the template already wrote the special tokens it wants."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument(f"{field}: the served model's tokenizer has no chat template; send text or token_ids")
+    try:
+        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - templates raise on what they do not accept (roles, order)
+        raise InvalidArgument(f"{field}: the chat template refused this conversation: {exc}") from None
+
+
+def check_messages(messages: Sequence[ChatMessage], field: str, max_text_bytes: int) -> tuple[ChatMessage, ...]:
+    """1 to MAX_MESSAGES turns with a role each; all contents together within max_text_bytes."""
+    if not 1 <= len(messages) <= MAX_MESSAGES:
+        raise InvalidArgument(f"{field} must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}")
+    total = 0
+    for i, m in enumerate(messages):
+        if not m.role:
+            raise InvalidArgument(f"{field}[{i}].role must not be empty")
+        total += utf8_size(m.role, f"{field}[{i}].role") + utf8_size(m.content, f"{field}[{i}].content")
+    if total > max_text_bytes:
+        raise InvalidArgument(f"{field} holds {total} bytes of text, limit --max-text-bytes={max_text_bytes}")
+    return tuple(messages)
+
+
+def utf8_size(text: str, field: str) -> int:
+    """Bytes of `text` in UTF-8. A str decoded from JSON may hold lone surrogates (\\ud800), which
+    no tokenizer accepts: that is the caller's mistake, said here, not a crash later."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{field} is not valid Unicode: a lone surrogate at character {exc.start}") from None
+
 
 def format_prompt(tokenizer, prompt: str) -> str:
-    """The prompt as the model sees it: the chat template when the tokenizer has one, else prompt + newline."""
+    """A text prompt as the model sees it: one user turn through the chat template when the tokenizer
+    has one, else prompt + newline."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        return render_messages(tokenizer, [ChatMessage("user", prompt)], "prompt")
     return prompt + "\n"
 
 

@@ -3,13 +3,14 @@
     with RewardClient("localhost:50052") as rm:
         scores = rm.scores([("What is 2+2?", "4"), ("Hi", "Hello!")])
 
-A prompt or response is a str (the server tokenizes it and applies the chat
-template to the prompt) or a list of token ids (used as they are: the prompt ids
-must already be templated, the response ids without the final EOS).
+A prompt or response is a str (the server tokenizes it and applies the chat template to a
+prompt), a list of token ids (used as they are: the prompt ids must already be templated, the
+response ids with or without the final EOS), or, for a prompt, a conversation: a list of
+{"role": ..., "content": ...} dicts, rendered by the served model's chat template.
 """
 from __future__ import annotations
 
-from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence, Union
+from typing import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence, Union
 
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.channel import create_channel
@@ -19,28 +20,27 @@ SERVICE = "rlhf.v1.RewardService"
 # Idempotent calls, retried on UNAVAILABLE (a restarting or draining replica).
 RETRY_METHODS = ((SERVICE, "Score"), (SERVICE, "Compare"), (SERVICE, "GetModelInfo"))
 
-Text = Union[str, Sequence[int]]
+Text = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
 Pair = tuple[Text, Text]
-
-TRUNCATION = {
-    "reject": reward_pb2.TRUNCATION_REJECT,
-    "keep_end_of_prompt": reward_pb2.TRUNCATION_KEEP_END_OF_PROMPT,
-}
 
 
 def text_or_tokens(x: Text) -> common_pb2.TextOrTokens:
     if isinstance(x, str):
         return common_pb2.TextOrTokens(text=x)
+    if x and isinstance(x[0], Mapping):
+        return common_pb2.TextOrTokens(messages=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in x]))
     return common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=list(x)))
 
 
 def truncation_value(t: str | int) -> int:
-    """"reject" / "keep_end_of_prompt" or the enum value itself (passed through unchecked: the server checks)."""
+    """"reject" / "keep_end_of_prompt" (the enum's names, lower case, without TRUNCATION_) or the
+    enum value itself (passed through unchecked: the server checks)."""
     if isinstance(t, str):
         try:
-            return TRUNCATION[t]
-        except KeyError:
-            raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, got {t!r}") from None
+            return reward_pb2.Truncation.Value("TRUNCATION_" + t.upper())
+        except ValueError:
+            raise ValueError(f"truncation must be reject or keep_end_of_prompt, got {t!r}") from None
     return int(t)
 
 

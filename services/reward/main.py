@@ -1,14 +1,66 @@
-"""`rlhf serve reward`: the reward service on the shared server runtime."""
+"""`rlhf serve reward`: the core, its gRPC servicer and the OpenRLHF HTTP endpoint, wired together
+on the shared server runtime. The two front ends know only the core, never each other."""
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """What the runtime serves: the gRPC servicer, with the core's lifecycle and the HTTP port around it."""
+
+    def __init__(self, scorer, http_settings=None):
+        from services.reward.server import SERVICE_NAME, RewardServicer
+
+        self.service_name = SERVICE_NAME
+        self.scorer, self.http_settings = scorer, http_settings
+        self.servicer = RewardServicer(scorer)
+        self._http = None
+
+    def add_to_server(self, server) -> None:
+        self.servicer.add_to_server(server)
+
+    async def start(self) -> None:
+        from services.reward.http import start_http
+
+        await self.scorer.start()
+        if self.http_settings is not None:  # after the model: the port answers only once it can score
+            self._http = await start_http(self.scorer, self.http_settings)
+
+    async def stop(self) -> None:
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        await self.scorer.stop()
 
 
 def main(args: argparse.Namespace) -> int:
     from services.common.config import ServerConfig
     from services.common.server import run
-    from services.reward.server import RewardServicer, RewardSettings
+    from services.reward.http import HttpSettings
+    from services.reward.rules import ConfigError, load_functions
+    from services.reward.scorer import RewardSettings, Scorer
 
     cfg = ServerConfig.from_args(args)
-    # The HTTP endpoint binds the same host and checks the same bearer token as gRPC.
-    return run(cfg, RewardServicer(RewardSettings.from_args(args, auth_token=cfg.auth_token)))
+    try:
+        # Imported now: a function that cannot load stops the server before it binds a port.
+        scorer = Scorer(RewardSettings.from_args(args, load_functions(args.reward_function)))
+        if args.http_max_concurrency < 1:
+            raise ConfigError(f"--http-max-concurrency must be >= 1, got {args.http_max_concurrency}")
+    except ConfigError as exc:
+        print(f"rlhf serve reward: error: {exc}", file=sys.stderr)
+        return 2
+    http = None
+    if args.http_port:
+        if args.http_no_auth:
+            log.warning("--http-no-auth: POST /get_reward on port %d answers ANYONE who can reach it, without a "
+                        "bearer token%s. Guard that port with a NetworkPolicy that admits only the trainers.",
+                        args.http_port, " (the gRPC port still requires one)" if cfg.auth_token else "")
+        http = HttpSettings(port=args.http_port, host=cfg.host, input=args.http_input,
+                            auth_token=None if args.http_no_auth else cfg.auth_token,
+                            max_body_bytes=cfg.max_message_bytes, max_concurrency=args.http_max_concurrency,
+                            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
+    return run(cfg, Service(scorer, http))

@@ -1,7 +1,7 @@
 """The reward model: R(x, y) = a linear head on the hidden state of the last real token.
 
-Shared by reward training and the reward service, so a pair is encoded and
-pooled the same way in both. No gRPC here.
+Shared by reward training, the reward service and the trainer's value model (the same head on
+every position), so the head and its pooling exist once. No gRPC here.
 """
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import pathlib
 import torch
 
 from services.common.errors import InvalidArgument
-from services.common.text import encode_pair
+from services.reward.tokens import encode, fit  # noqa: F401  (reward-model training imports them from here)
 
 META_FILE = "reward_meta.json"
-TRUNCATIONS = ("reject", "keep_end_of_prompt")
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -50,36 +49,6 @@ def load_reward_model(path, device="cpu", dtype=None):
     return model, tokenizer, meta
 
 
-def fit(prompt_ids: list[int], response_ids: list[int], max_length: int, truncation: str = "reject",
-        ) -> tuple[list[int], bool]:
-    """(prompt_ids + response_ids, truncated) within max_length tokens.
-
-    "keep_end_of_prompt" drops tokens from the start of the prompt: the end of
-    the prompt is what the response answers. A response that does not fit
-    alone is rejected in either mode: cutting it would score a different answer.
-    """
-    if truncation not in TRUNCATIONS:
-        raise InvalidArgument(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    n = len(prompt_ids) + len(response_ids)
-    if n <= max_length:
-        return list(prompt_ids) + list(response_ids), False
-    if truncation == "reject":
-        raise InvalidArgument(f"prompt + response is {n} tokens, more than max_length {max_length} "
-                              f"(truncation=reject; keep_end_of_prompt drops the start of the prompt)")
-    if len(response_ids) > max_length:
-        raise InvalidArgument(f"response is {len(response_ids)} tokens, more than max_length {max_length} "
-                              f"even without the prompt")
-    keep = max_length - len(response_ids)
-    return (list(prompt_ids[len(prompt_ids) - keep:]) if keep else []) + list(response_ids), True
-
-
-def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: str = "reject",
-           ) -> tuple[list[int], bool]:
-    """Token ids the reward model reads for (prompt, response): format_prompt(prompt) + response + EOS."""
-    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
-    return fit(prompt_ids, response_ids, max_length, truncation)
-
-
 def pad_batch(batch: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask). Right padding: with causal attention the real
     tokens never see the padding, so a padded pair scores as it would alone."""
@@ -92,21 +61,30 @@ def pad_batch(batch: list[list[int]], pad_id: int, device=None) -> tuple[torch.T
     return input_ids.to(device), attention_mask.to(device)
 
 
+def values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The score head on every hidden state [B, T]: V(s_t) of a value model started from the reward
+    model; at the last real token it is R(x, y)."""
+    head = getattr(model, "score", None)
+    backbone = getattr(model, model.base_model_prefix, None)
+    if head is None or backbone is None:
+        raise InvalidArgument(f"{type(model).__name__} has no per-position score head (score + {model.base_model_prefix})")
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return head(hidden)[..., 0].float()
+
+
 def rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """R(x, y) per row [B]: the score head at the last real token (the EOS).
 
     Pooled here from the attention mask rather than by HF's search for the last
     non-pad id, which picks the wrong token when pad id == EOS id or when a pad
-    id occurs inside the text.
+    id occurs inside the text. Left or right padding alike.
     """
-    head = getattr(model, "score", None)
-    backbone = getattr(model, model.base_model_prefix, None)
-    if head is None or backbone is None:  # not a decoder-style classifier: trust its own pooling
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    last = attention_mask.sum(-1) - 1
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return head(pooled)[:, 0].float()
+    if getattr(model, "score", None) is None or getattr(model, model.base_model_prefix, None) is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()  # its own pooling
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask * positions).argmax(-1)
+    return values(model, input_ids, attention_mask).gather(1, last[:, None])[:, 0]
 
 
 def score_batch(model, batch_of_id_lists: list[list[int]], pad_id: int) -> list[float]:

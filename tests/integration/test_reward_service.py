@@ -114,8 +114,9 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def guarded(reward_dir, tmp_path_factory):
-    """Auth on, a queue of 4 pairs and a long max wait (so that a flood finds the queue full)."""
-    with _serve(reward_dir, tmp_path_factory, "--max-queue", "4", "--max-wait-ms", "300",
+    """Auth on, a queue of 4 pairs and a long max wait (so that a flood finds the queue full);
+    HTTP bodies read as (raw prompt, prompt + response) pairs."""
+    with _serve(reward_dir, tmp_path_factory, "--max-queue", "4", "--max-wait-ms", "300", "--http-input", "pairs",
                 env={"RLHF_AUTH_TOKEN": TOKEN}) as s:
         yield s
 
@@ -232,46 +233,122 @@ def test_model_info(client):
     assert info.score_mean == pytest.approx(SCORE_MEAN) and info.score_std == pytest.approx(SCORE_STD)
     assert info.eval_accuracy == pytest.approx(0.75)
     assert info.max_pairs == MAX_PAIRS and info.max_batch_size == 64 and info.max_batch_tokens == 16384
+    assert info.max_text_bytes == MAX_TEXT_BYTES
+    assert [(c.name, c.weight, c.kind) for c in info.components] == [("rm", 1.0, "model")]
     assert re.fullmatch(r"[0-9a-f]+", info.instance_id)
 
 
-def test_http_get_reward_matches_library(server, reference):
-    queries = [p + r for p, r in PAIRS]
-    status, body = post(server.http_url, {"query": queries, "prompts": [p for p, _ in PAIRS], "labels": [""] * len(PAIRS)})
+def templated(tok, prompt: str) -> str:
+    """The prompt as OpenRLHF's PromptDataset writes it: apply_chat_template(tokenize=False,
+    add_generation_prompt=True) over one user turn."""
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def openrlhf_single_turn_body(tok, prompt: str, response: str, stopped: bool = True) -> dict:
+    """What OpenRLHF 0.10.x/0.11.0's SingleTurnAgentExecutor posts for one sample: the prompt's ids
+    (tokenized without special tokens) + the generated ids (ending in EOS when the completion
+    stopped on it), decoded with special tokens kept; no Authorization header."""
+    prompt_ids = tok(templated(tok, prompt), add_special_tokens=False)["input_ids"]
+    action_ids = tok(response, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if stopped else [])
+    query = tok.decode(prompt_ids + action_ids, skip_special_tokens=False)
+    return {"query": [query], "prompts": [templated(tok, prompt)], "labels": [""]}
+
+
+def openrlhf_padded_batch_body(tok, pairs) -> dict:
+    """What OpenRLHF 0.6-0.8's experience maker (vLLM path) posts for a batch: prompts left-padded
+    to the longest, outputs (ending in EOS) right-padded, the batch decoded with special tokens kept."""
+    prompts = [tok(templated(tok, p), add_special_tokens=False)["input_ids"] for p, _ in pairs]
+    outputs = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for _, r in pairs]
+    width_in, width_out = max(map(len, prompts)), max(map(len, outputs))
+    pad = tok.pad_token_id
+    sequences = [[pad] * (width_in - len(p)) + p + o + [pad] * (width_out - len(o)) for p, o in zip(prompts, outputs)]
+    return {"query": tok.batch_decode(sequences, skip_special_tokens=False),
+            "prompts": [templated(tok, p) for p, _ in pairs], "labels": [""] * len(pairs)}
+
+
+def test_openrlhf_bodies_score_exactly_like_grpc(server, client, reference):
+    """POST /get_reward with the bodies OpenRLHF builds gives the gRPC Score of the same
+    (prompt, response) pairs: the same token ids reach the model (equal num_tokens, and equal
+    scores for pairs scored alone).
+
+    Mirrors OpenRLHF as read at its tags: v0.11.0 and v0.10.0 (openrlhf/utils/agent.py,
+    SingleTurnAgentExecutor.execute; prompts from openrlhf/datasets/prompts_dataset.py with
+    apply_chat_template(..., tokenize=False, add_generation_prompt=True)); v0.6.0-v0.8.x
+    (openrlhf/trainer/ppo_utils/experience_maker.py, vLLM path: left-padded prompts, right-padded
+    outputs, batch_decode(skip_special_tokens=False); remote_rm_fn posts query/prompts/labels).
+    OpenRLHF's own server (openrlhf/cli/serve_rm.py) strips pad/EOS text and appends one EOS in
+    v0.5.0-v0.8.x; from v0.9.0 it scores the query as sent, which for a completion that stopped on
+    EOS is the same text. A completion cut by max_tokens (no EOS) gets the EOS our reward model was
+    trained to score at, here and over gRPC alike."""
+    tok = reference.tokenizer
+    for prompt, response in PAIRS:
+        (want,) = client.score([(prompt, response)]).results
+        for stopped in (True, False):
+            status, body = post(server.http_url, openrlhf_single_turn_body(tok, prompt, response, stopped))
+            assert status == 200, body
+            assert body["rewards"] == body["scores"] == [want.raw_score], (prompt, stopped)
+            assert body["extra_logs"]["num_tokens"] == [float(want.num_tokens)]
+    want = client.score(PAIRS).results
+    status, body = post(server.http_url, openrlhf_padded_batch_body(tok, PAIRS))
     assert status == 200, body
-    assert len(body["rewards"]) == len(body["scores"]) == len(PAIRS)
+    assert body["rewards"] == pytest.approx([r.raw_score for r in want], abs=1e-6)
+    assert body["extra_logs"]["num_tokens"] == [float(r.num_tokens) for r in want]
+    # prompts are optional in this mode: the query alone says what to score
+    body = openrlhf_padded_batch_body(tok, PAIRS[:2])
+    status, reply = post(server.http_url, {"query": body["query"]})
+    assert status == 200 and reply["rewards"] == pytest.approx([r.raw_score for r in want[:2]], abs=1e-6)
+    # normalize, as on gRPC
+    status, reply = post(server.http_url, {**openrlhf_single_turn_body(tok, *PAIRS[0]), "normalize": True})
+    assert status == 200 and close(reply["rewards"][0], (reference.score(*PAIRS[0]) - SCORE_MEAN) / SCORE_STD)
+
+
+def test_http_pairs_input_templates_the_raw_prompt(guarded, reference):
+    queries = [p + r for p, r in PAIRS[:3]]
+    status, body = post(guarded.http_url, {"query": queries, "prompts": [p for p, _ in PAIRS[:3]]}, TOKEN)
+    assert status == 200, body
     for got, (p, r) in zip(body["rewards"], PAIRS):
         assert close(got, reference.score(p, r))
-    assert body["extra_logs"]["truncated"] == [0.0] * len(PAIRS)
-    status, body = post(server.http_url, {"query": queries[:1], "prompts": [PAIRS[0][0]], "normalize": True})
-    assert status == 200
-    assert close(body["rewards"][0], (reference.score(*PAIRS[0]) - SCORE_MEAN) / SCORE_STD)
+    status, body = post(guarded.http_url, {"query": ["Hello there"], "prompts": ["Bye"]}, TOKEN)
+    assert status == 400 and "query[0] must start with prompts[0]" in body["error"]
+    status, body = post(guarded.http_url, {"query": ["Hi"], "prompts": ["Hi"]}, TOKEN)
+    assert status == 400 and "must not be empty" in body["error"]
+    status, body = post(guarded.http_url, {"query": ["Hi there"]}, TOKEN)
+    assert status == 400 and "prompts must be a list of strings" in body["error"]
 
 
 def test_http_bad_input(server, client, reference):
-    status, body = post(server.http_url, {"query": ["Hello there"], "prompts": ["Bye"]})
-    assert status == 400 and "query[0] must start with prompts[0]" in body["error"]
     status, body = post(server.http_url, {"query": [], "prompts": []})
     assert status == 400 and "--max-pairs" in body["error"]
-    status, body = post(server.http_url, {"query": ["Hi"], "prompts": ["Hi"]})
-    assert status == 400 and "must not be empty" in body["error"]
+    status, body = post(server.http_url, {"query": [""]})
+    assert status == 400 and "query[0] must not be empty" in body["error"]
     status, body = post(server.http_url, {"prompts": ["Hi"]})
     assert status == 400 and "query must be a list of strings" in body["error"]
+    status, body = post(server.http_url, {"query": ["a", "b"], "prompts": ["a"]})
+    assert status == 400 and "one prompt per query" in body["error"]
     status, body = post(server.http_url, b"{not json")
     assert status == 400 and "JSON" in body["error"]
-    status, body = post(server.http_url, {"query": ["Hi there"], "prompts": ["Hi"], "truncation": "middle"})
+    status, body = post(server.http_url, {"query": ["Hi there"], "truncation": "middle"})
     assert status == 400 and "truncation" in body["error"]
     assert_serving(client, reference)
 
 
 def test_metrics_exported(server, client):
     client.scores(PAIRS[:2])
+    post(server.http_url, {"query": ["<|user|>Hi<|assistant|>Hello"]})
+    post(server.http_url, {"query": "not a list"})
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    for name in ("rlhf_reward_samples_total", 'rlhf_reward_requests_total{method="Score"}', "rlhf_reward_batch_size_bucket",
+    for name in ("rlhf_reward_samples_total", "rlhf_reward_batch_size_bucket",
                  "rlhf_reward_batch_tokens_bucket", "rlhf_reward_queue_seconds_bucket",
                  "rlhf_reward_inference_seconds_bucket", "rlhf_reward_score_bucket", "rlhf_reward_queue_depth",
+                 'rlhf_reward_component_value_bucket{component="rm"',
+                 'rlhf_reward_http_requests_total{code="200",path="/get_reward"}',
+                 'rlhf_reward_http_requests_total{code="400",path="/get_reward"}',
+                 'rlhf_reward_http_request_seconds_bucket{le="0.005",path="/get_reward"}',
+                 "rlhf_reward_http_requests_in_flight",
                  'grpc_server_handled_total{grpc_code="OK",grpc_method="Score"'):
         assert name in text, name
+    # one request counter per method is the interceptor's; the service adds none of its own
+    assert "rlhf_reward_requests_total" not in text
     assert _metric(server, "rlhf_reward_samples_total") >= 2
 
 
@@ -307,8 +384,9 @@ def test_keep_end_of_prompt_truncates_and_reports(server, client, reference):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "(prompt, first)" in e.value.details() and f"--max-length={MAX_LENGTH}" in e.value.details()
 
-    status, body = post(server.http_url, {"query": [long_prompt + response], "prompts": [long_prompt],
-                                              "truncation": "keep_end_of_prompt"})
+    tok = reference.tokenizer
+    status, body = post(server.http_url, {**openrlhf_single_turn_body(tok, long_prompt, response),
+                                          "truncation": "keep_end_of_prompt"})
     assert status == 200 and body["extra_logs"]["truncated"] == [1.0]
     assert close(body["rewards"][0], cut.raw_score)
 
@@ -423,3 +501,178 @@ def test_clients_import_without_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'; "
             "assert 'vllm' not in sys.modules, 'vllm was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---- chat messages over gRPC ------------------------------------------------------------------------
+
+def test_messages_prompt_over_grpc(client, reference):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]
+    rendered = reference.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ids = reference.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    (as_chat,), (as_ids,) = client.score([(chat, "Blue.")]).results, client.score([(ids, "Blue.")]).results
+    assert as_chat.raw_score == as_ids.raw_score and as_chat.num_tokens == as_ids.num_tokens
+    (one_turn,), (text,) = client.score([([chat[1]], "Blue.")]).results, client.score([("Name a color.", "Blue.")]).results
+    assert one_turn.raw_score == text.raw_score
+    cmp = client.compare(chat, "Blue.", "I refuse.")
+    assert close(cmp.first_score, as_chat.raw_score)
+    for bad, words in [([{"role": "", "content": "x"}], ["pairs[0].prompt.messages.messages[0].role", "empty"]),
+                       ([{"role": "user", "content": "x" * MAX_TEXT_BYTES}],
+                        ["pairs[0].prompt.messages.messages", f"--max-text-bytes={MAX_TEXT_BYTES}"])]:
+        with pytest.raises(grpc.RpcError) as e:
+            client.score([(bad, "ok")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for w in words:
+            assert w in e.value.details(), (w, e.value.details())
+    with pytest.raises(grpc.RpcError) as e:
+        client.score([("Hi", chat)])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "messages are for prompts" in e.value.details()
+
+
+# ---- a reward model and reward functions, mixed -----------------------------------------------------
+
+FUNCTIONS = '''
+def politeness(prompt, response):
+    return 1.0 if "please" in response.lower() else 0.0
+
+
+def strict(prompt, response):
+    if "boom" in response:
+        raise ValueError("cannot grade this")
+    return -1.0 if "?" in prompt else 0.0
+'''
+WEIGHTS = {"rm": 1.5, "polite": 0.5, "strict": 1.0, "long": -0.1}
+
+
+@pytest.fixture(scope="module")
+def mixed(reward_dir, tmp_path_factory):
+    """The model and three functions (two imported from a module of the test's, one built-in);
+    auth on for gRPC, off for HTTP (--http-no-auth)."""
+    lib = tmp_path_factory.mktemp("functions")
+    (lib / "reward_functions_of_the_test.py").write_text(FUNCTIONS)
+    mod = "reward_functions_of_the_test"
+    with _serve(reward_dir, tmp_path_factory, "--reward-function", f"polite={mod}:politeness",
+                "--reward-function", f"strict={mod}:strict", "--reward-function", "long=builtin:length:words",
+                "--reward-mix", ",".join(f"{k}={v}" for k, v in WEIGHTS.items()), "--http-no-auth",
+                env={"RLHF_AUTH_TOKEN": TOKEN, "PYTHONPATH": f"{lib}:{sys.path[0]}"}) as s:
+        s.client_config = ClientConfig(auth_token=TOKEN)
+        yield s
+
+
+def by_hand(reference, prompt: str, response: str) -> dict:
+    return {"rm": reference.score(prompt, response), "polite": float("please" in response.lower()),
+            "strict": -1.0 if "?" in prompt else 0.0, "long": float(len(response.split()))}
+
+
+def test_mix_of_model_and_functions(mixed, reference):
+    pairs = [("Name a color.", "Blue, please."), ("What is 2+2?", "It is 4 I think")]
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        reply = c.score(pairs)
+        normalized = c.score(pairs[:1], normalize=True).results[0]
+        cmp = c.compare("What is 2+2?", "4.", "Four, please.")
+    for res, (p, r) in zip(reply.results, pairs):
+        values = by_hand(reference, p, r)
+        assert dict(res.components) == pytest.approx(values, abs=1e-4)
+        want = sum(WEIGHTS[k] * v for k, v in values.items())
+        assert close(res.raw_score, want) and res.score == res.raw_score
+    z = (reference.score(*pairs[0]) - SCORE_MEAN) / SCORE_STD
+    assert close(normalized.components["rm"], z)
+    assert close(normalized.score, 1.5 * z + 0.5 * 1.0 + 0.0 - 0.1 * 2)
+    a = sum(WEIGHTS[k] * v for k, v in by_hand(reference, "What is 2+2?", "4.").items())
+    b = sum(WEIGHTS[k] * v for k, v in by_hand(reference, "What is 2+2?", "Four, please.").items())
+    assert close(cmp.first_score, a) and close(cmp.second_score, b)
+    assert cmp.prob_first_preferred == pytest.approx(1 / (1 + math.exp(b - a)), abs=1e-5)
+
+
+def test_mixed_model_info_lists_the_components(mixed, reward_dir):
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        info = c.model_info()
+    assert [(x.name, x.weight, x.kind, x.source) for x in info.components] == [
+        ("rm", 1.5, "model", str(reward_dir)), ("polite", 0.5, "function", "reward_functions_of_the_test:politeness"),
+        ("strict", 1.0, "function", "reward_functions_of_the_test:strict"),
+        ("long", -0.1, "function", "builtin:length:words")]
+    assert re.fullmatch(r"[0-9a-f]{16}", info.model_version) and info.architecture == "LlamaForSequenceClassification"
+
+
+def test_a_raising_function_is_invalid_argument_naming_pair_and_function(mixed, reference):
+    with RewardClient(mixed.address, mixed.client_config) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.score([("Hi", "fine"), ("Hi", "boom goes the answer")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("reward function strict (reward_functions_of_the_test:strict) failed on pairs[1]: "
+                "ValueError: cannot grade this") in e.value.details()
+        (res,) = c.score([("Hi", "fine")]).results  # the server goes on
+    assert close(res.components["rm"], reference.score("Hi", "fine"))
+
+
+def test_http_no_auth_opens_only_the_http_port_with_the_same_mix(mixed, reference):
+    tok = reference.tokenizer
+    prompt, response = "What is 2+2?", "4, please."
+    status, body = post(mixed.http_url, openrlhf_single_turn_body(tok, prompt, response))  # no token
+    assert status == 200, body
+    values = by_hand(reference, prompt, response)
+    assert close(body["rewards"][0], sum(WEIGHTS[k] * v for k, v in values.items()))
+    assert body["extra_logs"]["component_polite"] == [1.0] and body["extra_logs"]["component_long"] == [2.0]
+    with RewardClient(mixed.address, ClientConfig()) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.score([(prompt, response)])
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    log = mixed.log_tail(200)
+    assert "WARNING" in log and "--http-no-auth" in log and "NetworkPolicy" in log
+    text = urllib.request.urlopen(mixed.metrics_url, timeout=10).read().decode()
+    assert 'rlhf_reward_component_value_count{component="polite"}' in text
+
+
+# ---- reward functions only: no model, no torch ------------------------------------------------------
+
+NO_TORCH = ("import sys\n"
+            "for name in ('torch', 'transformers'):\n"
+            "    sys.modules[name] = None  # import torch -> ImportError\n"
+            "from services.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+
+
+def test_rules_only_service_runs_without_torch(tmp_path_factory):
+    port, http_port = free_port(), free_port()
+    argv = [sys.executable, "-c", NO_TORCH, "serve", "reward", "--host", "127.0.0.1", "--port", str(port),
+            "--metrics-port", "0", "--http-port", str(http_port), "--reward-function", "fmt=builtin:regex:[A-Z].*\\.",
+            "--reward-function", "long=builtin:length:words:3", "--reward-mix", "fmt=1,long=-0.5"]
+    log = tmp_path_factory.mktemp("logs") / "rules.log"
+    with ChildServer(argv, port=port, service=SERVICE, env={"RLHF_AUTH_TOKEN": ""}, log_path=log,
+                     ready_timeout=120) as s, RewardClient(s.address, ClientConfig()) as c:
+        good, long = c.score([("Q?", "Fine."), ("Q?", "a b c d e f")]).results
+        assert (good.score, dict(good.components)) == (1.0, {"fmt": 1.0, "long": 0.0})
+        assert (long.score, dict(long.components)) == (-1.5, {"fmt": 0.0, "long": 3.0})
+        for bad, what in [([5, 6, 7], "token ids"), ([{"role": "user", "content": "Q?"}], "messages")]:
+            with pytest.raises(grpc.RpcError) as e:
+                c.score([(bad, "Fine.")])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"{what} need the reward model's tokenizer" in e.value.details()
+        info = c.model_info()
+        assert [x.name for x in info.components] == ["fmt", "long"] and info.model_name == "" and info.max_length == 0
+        status, body = post(f"http://127.0.0.1:{http_port}/get_reward",
+                            {"query": ["<|user|>Q?<|assistant|>Fine."], "prompts": ["<|user|>Q?<|assistant|>"]})
+        assert status == 200 and body["rewards"] == [1.0], body
+    # the interpreter the server ran in could not have imported torch
+    blocked = subprocess.run([sys.executable, "-c", NO_TORCH.split("from services")[0] + "import torch\n"],
+                             capture_output=True, text=True, timeout=60)
+    assert blocked.returncode != 0 and "import of torch halted" in blocked.stderr
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--reward-function", "fmt"], ["NAME=SPEC"]),
+    (["--reward-function", "x=no_such_module_anywhere:f"], ["cannot import no_such_module_anywhere"]),
+    (["--reward-function", "x=json:__name__"], ["not a callable"]),
+    (["--reward-function", "x=builtin:regex:(["], ["not a valid regular expression"]),
+    (["--reward-function", "x=builtin:length", "--reward-mix", "x=1,rm=1"], ["no component named rm"]),
+    (["--reward-function", "x=builtin:length", "--reward-function", "y=builtin:length", "--reward-mix", "x=1"],
+     ["no weight to y"]),
+    ([], ["nothing to score with"]),
+    (["--reward-function", "x=builtin:length", "--http-max-concurrency", "0"], ["--http-max-concurrency"]),
+])
+def test_bad_reward_configuration_exits_2_before_serving(capsys, flags, words):
+    from services.cli import main
+
+    assert main(["serve", "reward", "--port", str(free_port()), "--metrics-port", "0", *flags]) == 2
+    err = capsys.readouterr().err
+    for w in words:
+        assert w in err, (w, err)

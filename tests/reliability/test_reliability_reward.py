@@ -361,7 +361,7 @@ def test_http_get_reward_honours_the_token(reward, request):
     status, reply = _post(reward.http_port, body, f"Bearer {TOKEN}")
     assert status == 200 and len(reply["rewards"]) == 1, reply
     # Bad bodies with the right token: 400, never 500.
-    bad = [{"query": "x"}, {"query": ["a"], "prompts": ["b"]}, {"query": [], "prompts": []}, [1, 2],
+    bad = [{"query": "x"}, {"query": ["a"], "prompts": ["b", "c"]}, {"query": [], "prompts": []}, [1, 2],
            {"query": ["ab"], "prompts": ["a"], "truncation": "sideways"}]
     for b in bad:
         status, _ = _post(reward.http_port, b, f"Bearer {TOKEN}")
@@ -369,6 +369,131 @@ def test_http_get_reward_honours_the_token(reward, request):
     record(request, "HTTP POST /get_reward (OpenRLHF) with auth on", cases=refused + 1 + len(bad),
            errors=f"{refused} wrong/missing tokens -> 401, {len(bad)} bad bodies -> 400, right token -> 200",
            result="pass")
+
+
+# ---- 1b. fuzzing the HTTP endpoint -----------------------------------------------------------
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+                    max_leaves=12)
+LONE_SURROGATE = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+CHARSETS = ["", "; charset=utf-8", "; charset=latin-1", "; charset=bogus-42", "; charset="]
+
+
+def _raw_post(port: int, data: bytes, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/get_reward", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = e.read() or b"{}"
+        try:
+            return e.code, json.loads(body)
+        except ValueError:
+            return e.code, {"error": body[:200].decode(errors="replace")}
+
+
+@st.composite
+def http_case(draw):
+    """(body bytes, Content-Type, expected status, what): a valid OpenRLHF body, or one mistake."""
+    n = draw(st.integers(1, 4))
+    prompts = [f"<|user|>{t}<|assistant|>" for t in draw(st.lists(TEXT, min_size=n, max_size=n))]
+    body = {"query": [p + r for p, r in zip(prompts, draw(st.lists(TEXT, min_size=n, max_size=n)))],
+            "labels": draw(st.lists(JSON, min_size=n, max_size=n))}
+    if draw(st.booleans()):
+        body["prompts"] = prompts
+    if draw(st.booleans()):
+        body["truncation"] = draw(st.sampled_from(["reject", "keep_end_of_prompt"]))
+    if draw(st.booleans()):
+        body["normalize"] = draw(st.booleans())
+    fault = draw(st.sampled_from(["valid"] * 4 + ["query type", "prompts type", "prompts count", "truncation type",
+                                                  "truncation value", "normalize type", "lone surrogate",
+                                                  "deep nesting", "not an object", "not JSON", "not UTF-8",
+                                                  "too many queries", "empty query"]))
+    content_type = "application/json" + draw(st.sampled_from(CHARSETS))
+    not_list_of_str = JSON.filter(lambda v: not (isinstance(v, list) and all(isinstance(x, str) for x in v)))
+    if fault == "query type":
+        body["query"] = draw(not_list_of_str)
+    elif fault == "prompts type":
+        body["prompts"] = draw(not_list_of_str.filter(lambda v: v is not None))
+    elif fault == "prompts count":
+        body["prompts"] = prompts + ["extra"]
+    elif fault == "truncation type":
+        body["truncation"] = draw(JSON.filter(lambda v: not isinstance(v, str)))
+    elif fault == "truncation value":
+        body["truncation"] = draw(TEXT.filter(lambda v: v not in ("reject", "keep_end_of_prompt")))
+    elif fault == "normalize type":
+        body["normalize"] = draw(JSON.filter(lambda v: not isinstance(v, bool)))
+    elif fault == "lone surrogate":
+        i = draw(st.integers(0, n - 1))
+        body["query"][i] += draw(LONE_SURROGATE)  # json.dumps writes it as a \udXXX escape
+    elif fault == "too many queries":
+        body["query"] = body["query"] * (MAX_PAIRS // n + 1)
+        body.pop("prompts", None)
+    elif fault == "empty query":
+        body["query"][draw(st.integers(0, n - 1))] = ""
+    if fault == "deep nesting":
+        depth = draw(st.integers(5_000, 200_000))
+        data = b'{"query": ' + b"[" * depth + b"]" * depth + b"}"
+    elif fault == "not an object":
+        data = json.dumps(draw(JSON.filter(lambda v: not isinstance(v, dict)))).encode()
+    elif fault == "not JSON":
+        data = draw(st.binary(max_size=64).filter(lambda b: not _is_json(b)))
+    elif fault == "not UTF-8":
+        data = json.dumps(body).encode()[:-1] + b', "x": "\xff"}'  # a byte that is never UTF-8
+    else:
+        data = json.dumps(body).encode()
+    return data, content_type, 200 if fault == "valid" else 400, fault
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data.decode("utf-8"))
+        return True
+    except (ValueError, RecursionError):
+        return False
+
+
+def test_fuzz_http_get_reward(reward, request):
+    """Every client mistake on the OpenRLHF port is a 4xx with a message, never a 500 (issue 13.8:
+    deep nesting, truncation as a list or object, lone surrogate escapes were 500)."""
+    counts: dict[str, int] = {}
+    wrong: list[str] = []
+    headers = lambda ct: {"Content-Type": ct, "Authorization": f"Bearer {TOKEN}"}  # noqa: E731
+    fixed = json.dumps({"query": ["<|user|>What is 17 times 23?<|assistant|>391."]}).encode()
+    before = _raw_post(reward.http_port, fixed, headers("application/json"))
+
+    @settings(FUZZ, max_examples=100)
+    @given(st.lists(http_case(), min_size=BATCH, max_size=BATCH))
+    def run(cases):
+        replies = list(reward.pool.map(lambda c: _raw_post(reward.http_port, c[0], headers(c[1])), cases))
+        for (data, _, want, what), (status, body) in zip(cases, replies):
+            counts[str(status)] = counts.get(str(status), 0) + 1
+            if status != want or (status != 200 and not body.get("error")):
+                if len(wrong) < 20:
+                    wrong.append(f"[{what}] got {status} {str(body)[:200]}, want {want}; body {data[:120]!r}")
+            elif status == 200:
+                n = len(json.loads(data)["query"])
+                if not (len(body["rewards"]) == n and all(math.isfinite(x) for x in body["rewards"])):
+                    wrong.append(f"[{what}] wrong answer {body}")
+
+    issue_13_8 = {"deep nesting": b'{"query": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                  "truncation as a list": b'{"query": ["a b"], "truncation": ["reject"]}',
+                  "truncation as an object": b'{"query": ["a b"], "truncation": {"mode": "reject"}}',
+                  "lone surrogate escape": b'{"query": ["a \\ud800 b"]}'}
+    for what, data in issue_13_8.items():
+        status, body = _raw_post(reward.http_port, data, headers("application/json"))
+        counts[str(status)] = counts.get(str(status), 0) + 1
+        if status != 400 or not body.get("error"):
+            wrong.append(f"[issue 13.8 {what}] got {status} {body}")
+    run()
+    same = _raw_post(reward.http_port, fixed, headers("application/json")) == before
+    record(request, "Fuzz HTTP POST /get_reward (valid OpenRLHF bodies, or one mistake each)",
+           cases=sum(counts.values()), errors=", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+           lost=0 if same else "fixed answer changed",
+           result="pass" if not wrong and same else "FAIL: " + " | ".join(wrong[:3]))
+    assert same and before[0] == 200
+    assert not wrong, "\n".join(wrong)
 
 
 def test_token_comparison_is_constant_time(monkeypatch):

@@ -1,0 +1,159 @@
+"""Reward functions: rules scored next to (or instead of) the reward model, and the weighted mix.
+
+    rlhf serve reward --model rm/ \
+        --reward-function fmt='builtin:regex:<answer>.+</answer>' \
+        --reward-function long=builtin:length:words:200 \
+        --reward-function mine=my_package.rewards:is_polite \
+        --reward-mix rm=1.0,fmt=0.5,long=-0.01
+
+A function is any Python callable (prompt: str, response: str) -> float, named NAME=SPEC:
+
+    module:function              imported at start (the module must be importable where the server runs)
+    builtin:length[:UNIT[:FREE]] the response's length in UNIT (chars, the default, or words); with FREE,
+                                 only what exceeds FREE counts: max(0, length - FREE). A negative weight
+                                 in the mix makes it a length penalty.
+    builtin:regex:PATTERN        1.0 when the whole response matches PATTERN (Python re, DOTALL), else
+                                 0.0: a format reward. Everything after "regex:" is the pattern.
+
+The mix gives every component a weight ("rm" is the reward model); without --reward-mix every
+weight is 1. Score = sum(weight * value). No torch and no gRPC here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import numbers
+import re
+from typing import Callable, Sequence
+
+from services.common.errors import InvalidArgument
+
+RM = "rm"
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+BUILTIN = "builtin:"
+
+
+class ConfigError(ValueError):
+    """A --reward-function or --reward-mix the server cannot start with."""
+
+
+@dataclasses.dataclass
+class RewardFunction:
+    name: str
+    source: str  # the SPEC as given: "module:function" or "builtin:..."
+    fn: Callable[[str, str], float]
+
+    def __call__(self, prompt: str, response: str, pair: str) -> float:
+        """fn(prompt, response) as a finite float; anything else fails the call, naming the pair and the function."""
+        try:
+            value = self.fn(prompt, response)
+        except Exception as exc:  # noqa: BLE001 - the user's code: any failure is reported, the server goes on
+            raise InvalidArgument(f"reward function {self.name} ({self.source}) failed on {pair}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise InvalidArgument(f"reward function {self.name} ({self.source}) returned {value!r} for {pair}; "
+                                  f"it must return a finite number")
+        return float(value)
+
+
+def _length(unit: str, free: int) -> Callable[[str, str], float]:
+    count = len if unit == "chars" else (lambda text: len(text.split()))
+
+    def length(prompt: str, response: str) -> float:
+        return float(max(0, count(response) - free))
+
+    return length
+
+
+def _regex(pattern: re.Pattern) -> Callable[[str, str], float]:
+    def regex(prompt: str, response: str) -> float:
+        return 1.0 if pattern.fullmatch(response) else 0.0
+
+    return regex
+
+
+def _builtin(spec: str) -> Callable[[str, str], float]:
+    kind, _, rest = spec[len(BUILTIN):].partition(":")
+    if kind == "length":
+        unit, _, free = rest.partition(":")
+        unit = unit or "chars"
+        if unit not in ("chars", "words"):
+            raise ConfigError(f"{spec}: the unit of builtin:length is chars or words, got {unit!r}")
+        if free and not free.isdigit():
+            raise ConfigError(f"{spec}: FREE in builtin:length:UNIT:FREE must be a whole number >= 0, got {free!r}")
+        return _length(unit, int(free or 0))
+    if kind == "regex":
+        if not rest:
+            raise ConfigError(f"{spec}: builtin:regex needs a pattern (builtin:regex:PATTERN)")
+        try:
+            return _regex(re.compile(rest, re.DOTALL))
+        except re.error as exc:
+            raise ConfigError(f"{spec}: not a valid regular expression: {exc}") from None
+    raise ConfigError(f"{spec}: unknown built-in {kind!r}; the built-ins are builtin:length and builtin:regex")
+
+
+def _imported(spec: str) -> Callable[[str, str], float]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{spec}: a function is module:function (or builtin:length, builtin:regex:PATTERN)")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or the module itself failing at import
+        raise ConfigError(f"{spec}: cannot import {module_name}: {type(exc).__name__}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{spec}: {module_name} has no attribute {attr}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{spec}: {attr} is a {type(obj).__name__}, not a callable (prompt, response) -> float")
+    return obj
+
+
+def load_function(arg: str) -> RewardFunction:
+    """A RewardFunction from one --reward-function NAME=SPEC; ConfigError says what is wrong."""
+    name, sep, spec = arg.partition("=")
+    if not sep or not spec:
+        raise ConfigError(f"--reward-function {arg!r}: expected NAME=SPEC, e.g. fmt=builtin:regex:.*")
+    if not NAME.fullmatch(name) or name == RM:
+        raise ConfigError(f"--reward-function {arg!r}: the name must match {NAME.pattern} and not be {RM!r} "
+                          f"(the reward model)")
+    fn = _builtin(spec) if spec.startswith(BUILTIN) else _imported(spec)
+    return RewardFunction(name, spec, fn)
+
+
+def load_functions(args: Sequence[str]) -> list[RewardFunction]:
+    functions = [load_function(a) for a in args]
+    names = [f.name for f in functions]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"--reward-function names must be unique; given more than once: {', '.join(duplicates)}")
+    return functions
+
+
+def parse_mix(spec: str | None, components: Sequence[str]) -> dict[str, float]:
+    """{component: weight} from "rm=1.0,len=-0.01"; every component needs a weight, every weight a
+    component. Without a spec every component weighs 1."""
+    if spec is None:
+        return dict.fromkeys(components, 1.0)
+    weights: dict[str, float] = {}
+    for item in spec.split(","):
+        name, sep, value = item.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not math.isfinite(weight):
+            raise ConfigError(f"--reward-mix {spec!r}: {item.strip()!r} is not NAME=WEIGHT with a finite number")
+        if name in weights:
+            raise ConfigError(f"--reward-mix {spec!r}: {name} is given twice")
+        weights[name] = weight
+    unknown = [n for n in weights if n not in components]
+    if unknown:
+        raise ConfigError(f"--reward-mix {spec!r}: no component named {', '.join(unknown)}; the components are "
+                          f"{', '.join(components)} ({RM} is the reward model, served with --model)")
+    missing = [n for n in components if n not in weights]
+    if missing:
+        raise ConfigError(f"--reward-mix {spec!r} gives no weight to {', '.join(missing)} "
+                          f"(write {missing[0]}=0 to report a component without counting it)")
+    return {n: weights[n] for n in components}
