@@ -11,7 +11,6 @@ import pathlib
 import torch
 
 from services.common.errors import InvalidArgument
-from services.reward.tokens import encode, fit  # noqa: F401  (reward-model training imports them from here)
 
 META_FILE = "reward_meta.json"
 

@@ -98,7 +98,7 @@ def policy_forward(model, batch: Batch, temperature: float) -> tuple[torch.Tenso
 
 def value_forward(model, batch: Batch) -> torch.Tensor:
     """V(s_t) for every response position [B, R]: the reward model's head on every hidden state."""
+    from services.reward.model import values
+
     P = batch.prompt_width
-    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids).last_hidden_state
-    return model.score(hidden[:, P - 1:-1]).squeeze(-1).float()
+    return values(model, batch.input_ids, batch.attention_mask, batch.position_ids)[:, P - 1:-1]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.reward import model as rm
+from services.reward.tokens import encode
 from services.trainer import distributed
 from services.trainer.config import ConfigError, RMConfig
 from services.trainer.data import read_jsonl, split_train_eval
@@ -43,8 +44,8 @@ def _encode_pairs(tokenizer, rows, max_length):
     pairs, kept, dropped = [], [], 0
     for row in rows:
         try:
-            c, _ = rm.encode(tokenizer, row["prompt"], row["chosen"], max_length, "keep_end_of_prompt")
-            r, _ = rm.encode(tokenizer, row["prompt"], row["rejected"], max_length, "keep_end_of_prompt")
+            c, _ = encode(tokenizer, row["prompt"], row["chosen"], max_length, "keep_end_of_prompt")
+            r, _ = encode(tokenizer, row["prompt"], row["rejected"], max_length, "keep_end_of_prompt")
         except InvalidArgument:
             dropped += 1
             continue

@@ -33,12 +33,12 @@ def eval_prompts(data_dir) -> list[str]:
 
 def mean_score_by_kind(rm_dir, prompts) -> dict[str, float]:
     """Mean reward of freshly written answers of each kind to prompts the model never saw."""
-    from services.reward import model as rm
+    from services.reward import model as rm, tokens
     model, tok, _ = rm.load_reward_model(rm_dir)
     rng = random.Random(123)
     means = {}
     for kind in KINDS:
-        ids = [rm.encode(tok, p, make_answer(kind, p, rng), 256)[0] for p in prompts]
+        ids = [tokens.encode(tok, p, make_answer(kind, p, rng), 256)[0] for p in prompts]
         scores = [s for i in range(0, len(ids), 64) for s in rm.score_batch(model, ids[i:i + 64], tok.pad_token_id)]
         means[kind] = sum(scores) / len(scores)
     return means
@@ -80,7 +80,7 @@ def test_train_sft_cli_writes_a_loadable_model(tiny_policy_dir, small_data, tmp_
 
     out = tmp_path / "sft"
     rlhf("train", "sft", "--model", tiny_policy_dir, "--data", small_data / "sft.jsonl", "--out", out,
-         "--epochs", 1, "--batch-size", 16, "--device", "cpu")
+         "--epochs", 1, "--batch-size", 16, "--device", "cpu", "--lr", 3e-3, "--eval-fraction", 0.1)
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["train_examples"] == 270 and meta["eval_examples"] == 30 and meta["steps"] == 17
     tok = AutoTokenizer.from_pretrained(out)
@@ -97,7 +97,7 @@ def test_train_rm_cli_learns_the_ranking(tiny_reward_dir, small_data, tmp_path):
 
     out = tmp_path / "rm"
     proc = rlhf("train", "rm", "--model", tiny_reward_dir, "--data", small_data / "prefs.jsonl", "--out", out,
-                "--epochs", 2, "--batch-size", 16, "--eval-fraction", 0.2)
+                "--epochs", 2, "--batch-size", 16, "--eval-fraction", 0.2, "--lr", 1e-3)
     meta = json.loads((out / "reward_meta.json").read_text())
     for key in ("data", "steps", "eval_accuracy", "noise_ceiling", "score_mean", "score_std", "max_length"):
         assert key in meta, key
@@ -112,16 +112,25 @@ def test_train_rm_cli_learns_the_ranking(tiny_reward_dir, small_data, tmp_path):
 
 
 def test_train_rejects_bad_arguments(tiny_policy_dir, small_data, tmp_path):
-    from services.common.errors import InvalidArgument
-    from services.trainer.sft import train_sft
+    result = subprocess.run([sys.executable, "-m", "services.cli", "train", "sft", "--model", str(tiny_policy_dir),
+                             "--data", str(small_data / "sft.jsonl"), "--out", str(tmp_path / "x"), "--lr", "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "lr: Input should be greater than 0" in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "services.cli", "train", "sft", "--model", str(tiny_policy_dir),
+                             "--data", str(small_data / "prefs.jsonl"), "--out", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "needs a string field 'response'" in result.stderr, result.stderr
 
-    with pytest.raises(InvalidArgument, match="lr must be > 0"):
-        train_sft(tiny_policy_dir, small_data / "sft.jsonl", tmp_path / "x", lr=0.0)
-    with pytest.raises(InvalidArgument, match="needs a string field 'response'"):
-        train_sft(tiny_policy_dir, small_data / "prefs.jsonl", tmp_path / "x")
 
+# ---- the full demo data with the demo's settings ---------------------------------------------
 
-# ---- the full demo data with the default settings -------------------------------------------
+def demo_settings(job: str, path) -> list[str]:
+    """--config FILE holding the demo's tuned values (services.demo.pipeline) for `job`."""
+    import yaml
+
+    from services.demo.pipeline import RM, SFT
+    path.write_text(yaml.safe_dump(SFT if job == "sft" else RM))
+    return ["--config", str(path)]
 
 @pytest.fixture(scope="module")
 def full_data(tmp_path_factory):
@@ -131,9 +140,10 @@ def full_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sft_defaults_teach_all_three_kinds(tiny_policy_dir, full_data, tmp_path):
+def test_sft_demo_settings_teach_all_three_kinds(tiny_policy_dir, full_data, tmp_path):
     out = tmp_path / "sft"
-    rlhf("train", "sft", "--model", tiny_policy_dir, "--data", full_data / "sft.jsonl", "--out", out)
+    rlhf("train", "sft", "--model", tiny_policy_dir, "--data", full_data / "sft.jsonl", "--out", out,
+         *demo_settings("sft", tmp_path / "sft.yaml"))
     meta = json.loads((out / "training_meta.json").read_text())
     assert meta["eval_loss"] < 0.35, meta
     prompts = eval_prompts(full_data)
@@ -147,9 +157,10 @@ def test_sft_defaults_teach_all_three_kinds(tiny_policy_dir, full_data, tmp_path
 
 
 @pytest.mark.slow
-def test_rm_defaults_reach_the_noise_ceiling(tiny_reward_dir, full_data, tmp_path):
+def test_rm_demo_settings_reach_the_noise_ceiling(tiny_reward_dir, full_data, tmp_path):
     out = tmp_path / "rm"
-    rlhf("train", "rm", "--model", tiny_reward_dir, "--data", full_data / "prefs.jsonl", "--out", out)
+    rlhf("train", "rm", "--model", tiny_reward_dir, "--data", full_data / "prefs.jsonl", "--out", out,
+         *demo_settings("rm", tmp_path / "rm.yaml"))
     meta = json.loads((out / "reward_meta.json").read_text())
     assert meta["noise_ceiling"] == pytest.approx(0.9)
     assert meta["eval_accuracy"] >= meta["noise_ceiling"] - 0.04, meta

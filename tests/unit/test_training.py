@@ -8,6 +8,7 @@ import torch
 
 from services.common.errors import InvalidArgument
 from services.reward import model as rm
+from services.reward import tokens
 from services.trainer.rm import bradley_terry_loss, noise_ceiling
 from services.trainer import data as D
 from services.trainer.sft import sft_nll
@@ -63,28 +64,28 @@ def test_bradley_terry_loss_by_hand():
 
 def test_fit_truncation_modes():
     prompt, response = [1, 2, 3, 4], [7, 8, 0]
-    assert rm.fit(prompt, response, 7) == ([1, 2, 3, 4, 7, 8, 0], False)
+    assert tokens.fit(prompt, response, 7) == ([1, 2, 3, 4, 7, 8, 0], False)
     with pytest.raises(InvalidArgument, match="max_length 5"):
-        rm.fit(prompt, response, 5, "reject")
-    assert rm.fit(prompt, response, 5, "keep_end_of_prompt") == ([3, 4, 7, 8, 0], True)
-    assert rm.fit(prompt, response, 3, "keep_end_of_prompt") == ([7, 8, 0], True)
+        tokens.fit(prompt, response, 5, "reject")
+    assert tokens.fit(prompt, response, 5, "keep_end_of_prompt") == ([3, 4, 7, 8, 0], True)
+    assert tokens.fit(prompt, response, 3, "keep_end_of_prompt") == ([7, 8, 0], True)
     with pytest.raises(InvalidArgument, match="response is 3 tokens"):
-        rm.fit(prompt, response, 2, "keep_end_of_prompt")
+        tokens.fit(prompt, response, 2, "keep_end_of_prompt")
     with pytest.raises(InvalidArgument, match="truncation"):
-        rm.fit(prompt, response, 7, "cut_anywhere")
+        tokens.fit(prompt, response, 7, "cut_anywhere")
 
 
 def test_encode_matches_text_helpers(tokenizer):
     from services.common.text import encode_pair
     p, r = encode_pair(tokenizer, "Any tips for my poetry debate next week?", "Don't worry, you will be fine.")
-    ids, truncated = rm.encode(tokenizer, "Any tips for my poetry debate next week?", "Don't worry, you will be fine.", 512)
+    ids, truncated = tokens.encode(tokenizer, "Any tips for my poetry debate next week?", "Don't worry, you will be fine.", 512)
     assert ids == p + r and not truncated and ids[-1] == tokenizer.eos_token_id
 
 
 def test_score_batch_padded_equals_alone(reward_model, tokenizer):
     model, tok, _ = reward_model
-    a, _ = rm.encode(tok, "How do I prepare for my calculus exam?", "Just relax, it will work out.", 256)
-    b, _ = rm.encode(tok, "How do I prepare for my calculus exam?",
+    a, _ = tokens.encode(tok, "How do I prepare for my calculus exam?", "Just relax, it will work out.", 256)
+    b, _ = tokens.encode(tok, "How do I prepare for my calculus exam?",
                      "Here is a plan: 1. Review the key calculus topics. 2. Solve practice problems every day. "
                      "3. Sleep well before the exam.", 256)
     alone = rm.score_batch(model, [a], tok.pad_token_id) + rm.score_batch(model, [b], tok.pad_token_id)
@@ -98,7 +99,7 @@ def test_score_batch_padded_equals_alone(reward_model, tokenizer):
 
 def test_score_batch_agrees_with_hf_pooling(reward_model, tokenizer):
     model, tok, _ = reward_model
-    a, _ = rm.encode(tok, "Any tips for my poetry debate next week?", "Don't worry, you will be fine.", 256)
+    a, _ = tokens.encode(tok, "Any tips for my poetry debate next week?", "Don't worry, you will be fine.", 256)
     with torch.no_grad():
         hf = model(input_ids=torch.tensor([a])).logits[0, 0].item()
     assert rm.score_batch(model, [a], tok.pad_token_id)[0] == pytest.approx(hf, abs=1e-5)
