@@ -3,6 +3,8 @@ variants side by side against the same live services.
 
     python bench/ppo.py                         # one rank: phases and the RPC+serialization share
     python bench/ppo.py --nproc 1,2             # sharding: 1 rank vs 2 ranks on the same global batch
+    python bench/ppo.py --algo ppo,grpo         # PPO with its critic vs critic-free GRPO, same sampled tokens
+    python bench/ppo.py --mode sync,one_step_off --layout pinned,shared   # generation hidden behind training
     python bench/ppo.py --nproc 1,8 --device cuda --hidden-size 2048 --num-layers 16   # on a GPU node
 
 Each variant is a real `rlhf train ppo` process (under torchrun for N > 1) against one policy and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -69,8 +72,10 @@ def serialization_seconds(batch: int, tokens: int) -> float:
     return 2 * sum(codec_seconds(m) for m in messages)
 
 
-def run_variant(name: str, config: dict, nproc: int, work: pathlib.Path, pin: str | None = None) -> dict:
-    """One trainer process (or torchrun of nproc ranks) for the config; its measured steps and ranks."""
+def run_variant(name: str, config: dict, nproc: int, work: pathlib.Path, pin: str | None = None,
+                threads: int | None = None) -> dict:
+    """One trainer process (or torchrun of nproc ranks) for the config; its measured steps and ranks.
+    `pin`: the CPUs it may run on (taskset); `threads`: torch's intra-op threads."""
     out = work / name
     config = {**config, "out": str(out)}
     path = work / f"{name}.yaml"
@@ -80,14 +85,15 @@ def run_variant(name: str, config: dict, nproc: int, work: pathlib.Path, pin: st
                 *args] if nproc > 1 else [sys.executable, "-m", "services.cli", *args])
     if pin:
         command = ["taskset", "-c", pin, *command]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
     with open(work / f"{name}.log", "wb") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         raise SystemExit(f"variant {name} failed ({code}); see {work / f'{name}.log'}")
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"history": history[1:], "ranks": json.loads((out / "ranks.json").read_text()),
-            "wall_seconds": time.perf_counter() - start}
+    return {"history": history[1:], "warmup_end": history[0]["time"],
+            "ranks": json.loads((out / "ranks.json").read_text()), "wall_seconds": time.perf_counter() - start}
 
 
 def summary(variant: dict) -> dict[str, float]:
@@ -95,9 +101,16 @@ def summary(variant: dict) -> dict[str, float]:
     n = len(history)
     phases = {p: sum(h["phase_seconds"].get(p, 0.0) for h in history) / n for p in history[0]["phase_seconds"]}
     ranks = variant["ranks"]
+    wall = history[-1]["time"] - variant["warmup_end"]  # from the end of the warm-up step to the last step
     return {
         **{f"{p} (s/step)": v for p, v in phases.items()},
-        "step (s/step)": sum(phases.values()),
+        "step (s/step)": wall / n,
+        "steps per second": n / wall,
+        "rollout (generate + score, s/step)": sum(h["rollout_seconds"] for h in history) / n,
+        "share of the rollout hidden behind training": sum(h["rollout_hidden"] for h in history) / n,
+        "mean staleness (versions)": sum(sum(int(k) * v for k, v in h["staleness"].items()) / h["completions"]
+                                         for h in history) / n,
+        "mean IS weight": sum(h["is_weight_mean"] for h in history) / n,
         "state bytes per rank (MB, max)": max(r["state_bytes"] for r in ranks) / 1e6,
         "peak RSS per rank (MB, max)": max(r.get("peak_rss_bytes", 0) for r in ranks) / 1e6,
         **({"CUDA peak per rank (MB, max)": max(r["cuda_peak_bytes"] for r in ranks) / 1e6}
@@ -106,22 +119,42 @@ def summary(variant: dict) -> dict[str, float]:
     }
 
 
+def set_affinity(servers, cpus: set[int] | None) -> None:
+    """Pin each server's process tree (vLLM's engine core included) to `cpus` (None: every CPU)."""
+    import psutil
+    cpus = sorted(cpus) if cpus else list(range(psutil.cpu_count()))
+    for server in servers:
+        root = psutil.Process(server.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                proc.cpu_affinity(cpus)
+            except psutil.Error:
+                pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="measured steps per variant (one more warms up)")
     parser.add_argument("--nproc", default="1", help="comma-separated rank counts to compare, e.g. 1,2")
+    parser.add_argument("--algo", default="ppo", help="comma-separated: ppo, grpo, rloo, reinforce_pp (the demo's "
+                                                      "settings: the same 64 completions a step)")
+    parser.add_argument("--mode", default="sync", help="comma-separated rollout modes: sync, one_step_off")
+    parser.add_argument("--layout", default="shared", help="comma-separated: shared (every process on every CPU), "
+                        "pinned (policy and reward servers on CPU 0, the trainer on CPU 1 with one torch thread, "
+                        "as generation and training on different devices of a GPU node)")
+    parser.add_argument("--replicas", type=int, default=1, help="policy replicas")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--hidden-size", type=int, default=128, help="of the policy and value models built here")
     parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64, help="prompts per step (over all ranks)")
+    parser.add_argument("--batch", type=int, default=64, help="completions per step (over all ranks)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     from services.demo.data import write_demo_data
     from services.demo.launch import ChildServer, free_port, rlhf_command
-    from services.demo.pipeline import PPO
+    from services.demo.pipeline import ALGOS, MODES, PPO
     from services.demo.tiny_model import build_model
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench-ppo-"))
@@ -131,31 +164,60 @@ def main() -> int:
     build_model("policy", models / "sft", **size)
     build_model("reward", models / "reward", **size)
     data = write_demo_data(work / "data", num_sft=10, num_prefs=10, num_prompts=2000)
-    ports = {name: (free_port(), free_port()) for name in ("policy", "reward")}
-    policy = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"), "--host", "127.0.0.1",
-                                      "--port", str(ports["policy"][0]), "--metrics-port", str(ports["policy"][1]),
-                                      "--kv-cache-gib", "1"),
-                         port=ports["policy"][0], service="rlhf.v1.PolicyService", log_path=work / "policy.log",
-                         env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    reward = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"), "--host", "127.0.0.1",
-                                      "--port", str(ports["reward"][0]), "--metrics-port", str(ports["reward"][1])),
-                         port=ports["reward"][0], service="rlhf.v1.RewardService", log_path=work / "reward.log")
-    base = dict(policy_addresses=[policy.address], reward_address=reward.address, sft_model=str(models / "sft"),
-                reward_model=str(models / "reward"), prompts=str(data["prompts"]), steps=1 + args.steps, seed=0,
-                checkpoint_every=0, device=args.device, dtype=args.dtype,
-                rollout={**PPO["rollout"], "batch_size": args.batch, "max_tokens": args.max_tokens},
-                ppo={**PPO["ppo"], "beta": 0.05})
+
+    def server(kind: str, i: int = 0):
+        port, metrics = free_port(), free_port()
+        extra = ["--kv-cache-gib", "1"] if kind == "policy" else []
+        srv = ChildServer(rlhf_command("serve", kind, "--model", str(models / ("sft" if kind == "policy" else kind)),
+                                       "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics),
+                                       *extra),
+                          port=port, service=f"rlhf.v1.{kind.capitalize()}Service", log_path=work / f"{kind}{i}.log",
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        srv.metrics_port = metrics
+        return srv
+
+    policies = [server("policy", i) for i in range(args.replicas)]
+    reward = server("reward")
+    servers = [*policies, reward]
+
+    def config(algo: str, mode: str) -> dict:
+        """The demo's settings for `algo` and `mode`, at --batch completions a step (groups of n for grpo/rloo)."""
+        variant, overlap = ALGOS[algo], MODES[mode]
+        rollout = {**PPO["rollout"], **variant.get("rollout", {}), **overlap.get("rollout", {}),
+                   "max_tokens": args.max_tokens}
+        rollout["batch_size"] = args.batch // rollout.get("n", 1)
+        return dict(policy_addresses=[p.address for p in policies], reward_address=reward.address,
+                    sft_model=str(models / "sft"), reward_model=str(models / "reward"), prompts=str(data["prompts"]),
+                    steps=1 + args.steps, seed=0, checkpoint_every=0, device=args.device, dtype=args.dtype,
+                    rollout=rollout, ppo={**PPO["ppo"], "beta": 0.05, **variant.get("ppo", {})},
+                    services=overlap.get("services", {}))
+
     variants: dict[str, dict] = {}
-    with policy, reward:
-        for nproc in (int(n) for n in args.nproc.split(",")):
-            before = {n: handling_seconds(m) for n, (_, m) in ports.items()}
-            variant = run_variant(f"nproc{nproc}", base, nproc, work)
-            after = {n: handling_seconds(m) for n, (_, m) in ports.items()}
-            # Server time of all 1 + steps steps, scaled to the measured ones.
-            scale = args.steps / (1 + args.steps)
-            variant["inside"] = {f"{n}.{m}": scale * (after[n].get(m, 0.0) - before[n].get(m, 0.0))
-                                 for n in after for m in after[n]}
-            variants[f"{nproc} rank{'s' if nproc > 1 else ''}"] = variant
+    for s in servers:
+        s.start()
+    try:
+        for s in servers:
+            s.wait_ready()
+        for layout in args.layout.split(","):
+            pinned = layout == "pinned"
+            set_affinity(servers, {0} if pinned else None)
+            for algo in args.algo.split(","):
+                for mode in args.mode.split(","):
+                    for nproc in (int(n) for n in args.nproc.split(",")):
+                        name = " ".join(x for x in (algo, mode if mode != "sync" else "", f"x{nproc}",
+                                                     layout if layout != "shared" else "") if x)
+                        before = {s.address: handling_seconds(s.metrics_port) for s in servers}
+                        variant = run_variant(name.replace(" ", "-"), config(algo, mode), nproc, work,
+                                              pin="1" if pinned else None, threads=1 if pinned else None)
+                        after = {s.address: handling_seconds(s.metrics_port) for s in servers}
+                        # Server time of all 1 + steps steps, scaled to the measured ones.
+                        scale = args.steps / (1 + args.steps)
+                        variant["inside"] = {m: scale * sum(after[a].get(m, 0.0) - before[a].get(m, 0.0)
+                                                            for a in after) for m in ("Generate", "Score")}
+                        variants[name] = variant
+    finally:
+        for s in servers:
+            s.terminate()
 
     rows = {name: summary(v) for name, v in variants.items()}
     names = list(rows)
@@ -163,31 +225,42 @@ def main() -> int:
     result = {"variants": rows, "ratios": {}}
     for name in names[1:]:
         result["ratios"][name] = {
-            "step time vs " + names[0]: rows[name]["step (s/step)"] / first["step (s/step)"],
-            "state bytes per rank vs " + names[0]: rows[name]["state bytes per rank (MB, max)"] /
+            f"steps/s vs {names[0]}": rows[name]["steps per second"] / first["steps per second"],
+            f"step time vs {names[0]}": rows[name]["step (s/step)"] / first["step (s/step)"],
+            f"state bytes per rank vs {names[0]}": rows[name]["state bytes per rank (MB, max)"] /
             first["state bytes per rank (MB, max)"],
-            "peak RSS per rank vs " + names[0]: rows[name]["peak RSS per rank (MB, max)"] /
+            f"peak RSS per rank vs {names[0]}": rows[name]["peak RSS per rank (MB, max)"] /
             first["peak RSS per rank (MB, max)"],
         }
+    # Within each layout, one_step_off against sync of the same algorithm and rank count.
+    for name in names:
+        if "one_step_off" in name:
+            base = name.replace(" one_step_off", "")
+            if base in rows:
+                result["ratios"].setdefault(name, {})[f"steps/s vs {base}"] = (
+                    rows[name]["steps per second"] / rows[base]["steps per second"])
     one = variants[names[0]]
     steps = len(one["history"])
-    rpc = (max(first["generate (s/step)"] - one["inside"].get("policy.Generate", 0.0) / steps, 0.0)
-           + max(first["score (s/step)"] - one["inside"].get("reward.Score", 0.0) / steps, 0.0)
+    rpc = (max(first.get("generate (s/step)", 0.0) - one["inside"]["Generate"] / steps, 0.0)
+           + max(first.get("score (s/step)", 0.0) - one["inside"]["Score"] / steps, 0.0)
            + first["push (s/step)"] + serialization_seconds(args.batch, args.max_tokens))
     result["rpc_share"] = rpc / first["step (s/step)"]
 
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"PPO: {args.batch} prompts x {args.max_tokens} tokens, model hidden {args.hidden_size} x "
-          f"{args.num_layers} layers, {args.device}, {args.steps} measured steps per variant\n")
-    print(f"{'quantity':40s}" + "".join(f"{n:>14s}" for n in names))
-    for key in first:
-        print(f"{key:40s}" + "".join(f"{rows[n].get(key, float('nan')):14.4f}" for n in names))
+    print(f"PPO: {args.batch} completions x {args.max_tokens} tokens, model hidden {args.hidden_size} x "
+          f"{args.num_layers} layers, {args.device}, {args.replicas} policy replica(s), {args.steps} measured steps "
+          f"per variant\n")
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    width = max(14, *(len(n) + 2 for n in names))
+    print(f"{'quantity':44s}" + "".join(f"{n:>{width}s}" for n in names))
+    for key in keys:
+        print(f"{key:44s}" + "".join(f"{rows[n].get(key, float('nan')):{width}.4f}" for n in names))
     for name, ratios in result["ratios"].items():
         print()
         for key, value in ratios.items():
-            print(f"{name + ': ' + key:60s} {value:8.3f}")
+            print(f"{name + ': ' + key:72s} {value:8.3f}")
     print(f"\nRPC+serialization share of a step ({names[0]}): {result['rpc_share']:.3f} (target <= 0.10)")
     return 0
 

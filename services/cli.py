@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="PPO steps (default from the demo config)")
+    p.add_argument("--algo", default="ppo", help="ppo, grpo, rloo or reinforce_pp, or several side by side: ppo,grpo (default ppo)")
+    p.add_argument("--mode", default="sync", help="sync or one_step_off (generation behind training), or both: "
+                                                  "sync,one_step_off (default sync)")
     p.add_argument("--with-no-kl", action="store_true", help="also run PPO with beta = 0, to show what the KL leash prevents")
     p.add_argument("--quick", action="store_true", help="a shorter run (tests)")
     return parser

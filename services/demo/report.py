@@ -13,8 +13,9 @@ def summary(e: dict) -> str:
 
 
 def _columns(results: dict) -> list[tuple[str, dict]]:
-    return [(label, results[key]) for key, label in
-            (("sft", "SFT"), ("ppo", "PPO"), ("ppo-no-kl", "PPO, beta = 0")) if key in results]
+    from services.demo.pipeline import label
+    names = ["sft"] + [key.removesuffix("_history") for key in results if key.endswith("_history")]
+    return [(label(name), results[name]) for name in names if name in results]
 
 
 def table(results: dict) -> str:
@@ -26,6 +27,14 @@ def table(results: dict) -> str:
     lines.append("| KL to SFT (nats / answer) | " + " | ".join(f"{e['kl']:.2f}" for _, e in cols) + " |")
     lines.append("| mean answer length (tokens) | " + " | ".join(f"{e['length']:.1f}" for _, e in cols) + " |")
     lines.append("| answers judged | " + " | ".join(str(e["n"]) for _, e in cols) + " |")
+    for key, label, fmt in (("seconds", "wall time of the run (s)", "{:.0f}"),
+                            ("seconds_per_step", "seconds per step", "{:.2f}"),
+                            ("state_mb", "trainer state (MB: weights, gradients, AdamW)", "{:.1f}"),
+                            ("staleness", "mean staleness of trained completions (versions)", "{:.2f}"),
+                            ("is_weight", "mean importance weight", "{:.3f}"),
+                            ("hidden", "share of the rollout hidden behind training", "{:.2f}")):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(e["run"][key]) if "run" in e else "-"
+                                                    for _, e in cols) + " |")
     return "\n".join(lines)
 
 
@@ -56,9 +65,10 @@ def write(out: pathlib.Path, results: dict, *, beta: float, example_prompt: str)
         "# RLHF demo report", "",
         f"Whole pipeline in {results['seconds']:.0f} s. Reward model: held-out pairwise accuracy "
         f"{rm['eval_accuracy']:.3f} against a noise ceiling of {rm['noise_ceiling']:.2f}.", "",
-        f"Answers sampled at temperature 1 on held-out prompts, labelled by the gold labeller; PPO with beta = {beta}.",
-        "", table(results), "",
-        "![reward per step](ppo/reward.png) ![KL per step](ppo/kl.png)", "",
+        f"Answers sampled at temperature 1 on held-out prompts, labelled by the gold labeller; KL coefficient "
+        f"beta = {beta}.", "", table(results), "",
+        *[f"![{name} reward per step]({name}/reward.png) ![{name} KL per step]({name}/kl.png)"
+          for name in results if f"{name}_history" in results], "",
         "![answer kinds before and after](shares.png)", "",
         f"## Sample answers to \"{example_prompt}\"", "",
     ]

@@ -76,6 +76,9 @@ class RMConfig(Supervised):
 class RolloutConfig(Section):
     batch_size: int = Field(64, ge=1)  # prompts per PPO step, over all ranks
     n: int = Field(1, ge=1)  # completions per prompt (a group); grpo and rloo need 2 or more
+    # sync: generate, then train. one_step_off: the next step's rollout is generated and scored
+    # while this step trains and pushes, so its completions are one weight version old.
+    mode: Literal["sync", "one_step_off"] = "sync"
     max_tokens: int = Field(256, ge=1)  # completion length limit
     temperature: float = Field(1.0, gt=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -107,6 +110,11 @@ class PPOConfig(Section):
     missing_eos_penalty: float | None = Field(1.0, ge=0)  # subtracted from the score of completions cut at max_tokens
     normalize_scores: bool = True  # with the reward model's training mean/std
     score_clip: float | None = Field(5.0, gt=0)
+    # Weight each token by min(pi_proximal / pi_sampler, is_cap): the correction for completions
+    # sampled by older weights (one_step_off) or another engine's numerics. auto: tis in
+    # one_step_off, none in sync.
+    is_correction: Literal["auto", "none", "tis"] = "auto"
+    is_cap: float = Field(2.0, ge=1)
 
 
 class ServicesConfig(Section):
@@ -141,9 +149,19 @@ class Config(Job):
             if rollout.n < 2:
                 raise ValueError(f"ppo.advantage {ppo.advantage} compares the completions of a prompt: "
                                  f"rollout.n must be >= 2, got {rollout.n}")
+        if rollout.mode == "one_step_off" and self.services.max_staleness < 1:
+            raise ValueError("rollout.mode one_step_off trains on completions one weight version old: "
+                             f"services.max_staleness must be >= 1, got {self.services.max_staleness}")
         if ppo.advantage == "gae" and not self.reward_model:
             raise ValueError("reward_model is required with ppo.advantage gae (the value model starts from it)")
         return self
+
+    @property
+    def is_correction(self) -> bool:
+        """Whether tokens are weighted by the truncated importance ratio (ppo.is_correction)."""
+        if self.ppo.is_correction == "auto":
+            return self.rollout.mode == "one_step_off"
+        return self.ppo.is_correction == "tis"
 
     @property
     def critic(self) -> bool:

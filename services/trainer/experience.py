@@ -36,6 +36,8 @@ class Rollout:
     dropped_stale: int = 0  # sampled by weights off the trainer's version beyond the staleness bound
     dropped_empty: int = 0  # nothing to score (EOS at once)
     dropped_trim: int = 0  # cut so the batch splits into whole minibatches
+    rollout_seconds: float = 0.0  # generating and scoring it took (the slowest rank)
+    waited_seconds: float = 0.0  # the trainer waited for it (less than rollout_seconds when it ran in the background)
 
 
 @dataclasses.dataclass
@@ -86,6 +88,8 @@ class Experience:
     advantages: torch.Tensor  # whitened
     returns: torch.Tensor  # advantages + values (the value target)
     scores: torch.Tensor  # [B] the score after normalisation, clipping and the EOS penalty
+    is_weights: torch.Tensor  # min(pi_old / pi_sampler, is_cap) per token (the mask when not corrected)
+    is_capped: torch.Tensor  # bool: the weight hit the cap
 
 
 def policy_forward(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,12 +2,19 @@
 
 One step, top to bottom (InstructGPT's recipe, CleanRL's layout):
 
-    collect()          prompts -> Generate on the policy replicas -> Score on the reward service
+    launch_rollout()   draw the step's prompts; Generate (rollout.n each) on the policy replicas,
+                       Score on the reward service
+    finish_rollout()   wait for it, gather every rank's share
     make_experience()  logprobs of the policy and the frozen reference, values -> per-token KL
-                       penalty + score at the last token -> GAE -> whitened advantages
-    ppo_update()       epochs x minibatches: clipped ratio loss, clipped value loss, entropy bonus
+                       penalty + score at the last token -> advantages (GAE, or critic-free:
+                       GRPO, RLOO, REINFORCE++) -> truncated importance weights
+    ppo_update()       epochs x minibatches: clipped ratio loss, clipped value loss, KL and entropy terms
     push               the new weights to every policy replica, as version + 1
     step_metrics()     what the step did: the log, Prometheus, TrainerService
+
+rollout.mode one_step_off launches the next step's rollout before this one trains, in a
+background thread (gRPC calls only, no collective): generation hides behind training, and the
+completions are one weight version old, which the importance weights correct.
 
 Under torchrun every rank runs this loop on its shard of the models (services.trainer.distributed).
 Each rank generates and scores its share of the prompts; the samples are then gathered, so every
@@ -18,8 +25,11 @@ same update as one rank on the same batch.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +55,7 @@ from services.trainer.metrics import StepMetrics
 from services.trainer.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, aggregate,
                                   entropy_from_logits, gae, grpo_advantages, loss_normalizer, masked_mean,
                                   masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
-                                  shape_rewards, value_loss)
+                                  shape_rewards, truncated_is_weights, value_loss)
 from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, RequestRefused, Scorer, Stopped
 
 log = logging.getLogger(__name__)
@@ -99,6 +109,7 @@ class PPOState:
     step: int = 0
     version: int = 0
     history: list[StepMetrics] = dataclasses.field(default_factory=list)
+    prompts_in_flight: dict | None = None  # the prompt position before a rollout that is not trained on yet
 
     @classmethod
     def build(cls, config: Config, d: Dist) -> "PPOState":
@@ -162,39 +173,106 @@ def phase(seconds: dict[str, float], p: Phase, control: Control):
 
 # ---- the step ------------------------------------------------------------------------------
 
-def collect(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: Scorer, tokenizer, d: Dist,
-            seconds: dict, control: Control, sync) -> Rollout:
-    """Sample rollout.n completions for each of the step's prompts and score them. Each rank does
-    its share of the prompts; the samples come back gathered on every rank, in prompt order, the
-    n completions of a prompt (its group) next to each other."""
+@dataclasses.dataclass
+class Share:
+    """What this rank's share of a rollout came to: a PromptResult per prompt (None where it
+    failed: generated again when the rollout is finished), the scores of the completions, and
+    how long generating and scoring took."""
+    results: list
+    scores: dict[tuple[int, int], float]  # (prompt, completion index) -> score
+    generate_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class PendingRollout:
+    """A rollout on its way: the prompts are drawn; this rank's share is generated and scored
+    in the background (one_step_off) or when the rollout is finished (sync)."""
+    prompts: list[str]
+    mine: list[int]  # this rank's prompts
+    prompt_ids: list[list[int]]  # of this rank's prompts
+    sampling: dict
+    run: functools.partial  # -> Share
+    future: concurrent.futures.Future | None = None
+    launched: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def score_share(scorer: Scorer, config: Config, prompts: list[str], results: list, which: list[int]) -> dict:
+    """Scores of the non-empty completions of the prompts `which` (an empty answer has nothing to score)."""
+    keys = [(j, c.index) for j in which for c in results[j].completions if c.text.strip()]
+    texts = {(j, c.index): c.text for j in which for c in results[j].completions}
+    scored = scorer.score([(prompts[j], texts[(j, k)]) for j, k in keys],
+                          normalize=config.ppo.normalize_scores) if keys else []
+    return {key: r.score for key, r in zip(keys, scored)}
+
+
+def run_share(replicas: PolicyReplicas, scorer: Scorer, config: Config, prompts: list[str], prompt_ids, sampling,
+              version: int) -> Share:
+    """Generate and score this rank's prompts once, against the replicas serving `version`. No
+    collective: it may run in a background thread while the main thread trains."""
+    start = time.perf_counter()
+    results: list = [None] * len(prompt_ids)
+    replicas.generate(prompt_ids, sampling, list(range(len(prompt_ids))), results, version=version)
+    generated = time.perf_counter()
+    scores = score_share(scorer, config, prompts, results, [j for j, r in enumerate(results) if r is not None])
+    return Share(results, scores, generated - start, time.perf_counter() - generated)
+
+
+def launch_rollout(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: Scorer, tokenizer, d: Dist,
+                   pool: concurrent.futures.Executor | None) -> PendingRollout:
+    """Draw the next prompts and start this rank's share (in `pool`, or later when finished)."""
+    state.prompts_in_flight = state.prompts.state_dict()  # a checkpoint taken meanwhile redraws these prompts
     prompts = state.prompts.next(config.rollout.batch_size)
     mine = d.rows(len(prompts))
-    prompt_ids = [tokenizer(format_prompt(tokenizer, prompts[i]), add_special_tokens=False).input_ids for i in mine]
+    mine_prompts = [prompts[i] for i in mine]
+    prompt_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in mine_prompts]
     sampling = dict(n=config.rollout.n, max_tokens=config.rollout.max_tokens, temperature=config.rollout.temperature,
                     top_p=config.rollout.top_p, logprobs=True)
+    run = functools.partial(run_share, replicas, scorer, config, mine_prompts, prompt_ids, sampling, replicas.version)
+    return PendingRollout(prompts, mine, prompt_ids, sampling, run, pool.submit(run) if pool else None)
 
+
+def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, replicas: PolicyReplicas,
+                   scorer: Scorer, d: Dist, seconds: dict, control: Control, sync) -> Rollout:
+    """Wait for every rank's share, generate again what failed (after resyncing the replicas),
+    and gather the samples on every rank: in prompt order, the rollout.n completions of a prompt
+    (its group) next to each other."""
+    mine_prompts = [pending.prompts[i] for i in pending.mine]
     with phase(seconds, Phase.GENERATING, control):
-        results = replicas.generate_all(prompt_ids, sampling, sync)
-
-    # Never train on completions from other weights, and an empty answer has nothing to score:
-    # both leave the batch here, counted.
-    version, staleness = replicas.version, config.services.max_staleness
-    groups = [[(j, c) for c in r.completions if 0 <= version - c.weight_version <= staleness]
-              for j, r in enumerate(results)]
-    fresh = sum(map(len, groups))
-    groups = [[(j, c) for j, c in g if c.text.strip()] for g in groups]
-    kept = [(j, c) for g in groups for j, c in g]
-
-    def score() -> tuple[list[list[Sample]], int, int, int]:
-        scored = iter(scorer.score([(prompts[mine[j]], c.text) for j, c in kept],
-                                   normalize=config.ppo.normalize_scores) if kept else [])
-        samples = [[Sample(prompts[mine[j]], prompt_ids[j], list(c.token_ids), c.text, list(c.logprobs),
-                           c.finish_reason, c.weight_version, next(scored).score) for j, c in g] for g in groups]
-        completions = [c for r in results for c in r.completions]
-        return samples, sum(len(c.token_ids) for c in completions), len(completions) - fresh, fresh - len(kept)
-
+        waited = time.perf_counter()
+        share = distributed.agree(lambda: pending.future.result() if pending.future else pending.run(), d,
+                                  (DependencyDown, Stopped, RequestRefused))[d.rank]
+        waited = time.perf_counter() - waited
+        failed = [j for j, r in enumerate(share.results) if r is None]
+        if distributed.all_max([bool(failed)], d)[0]:
+            again = replicas.generate_all([pending.prompt_ids[j] for j in failed], pending.sampling, sync)
+            for j, r in zip(failed, again):
+                share.results[j] = r
     with phase(seconds, Phase.SCORING, control):
-        parts = distributed.agree(score, d, (DependencyDown, Stopped, RequestRefused))
+        share.scores |= distributed.agree(lambda: score_share(scorer, config, mine_prompts, share.results, failed), d,
+                                          (DependencyDown, Stopped, RequestRefused))[d.rank]
+    state.prompts_in_flight = None
+    if pending.future is None:  # sync: the time was spent here, in these phases
+        seconds[Phase.GENERATING.value] = seconds.get(Phase.GENERATING.value, 0.0) - waited + share.generate_seconds
+        seconds[Phase.SCORING.value] = seconds.get(Phase.SCORING.value, 0.0) + share.score_seconds
+
+    # Never train on completions sampled by weights further behind than services.max_staleness:
+    # they leave the batch here, counted, as do empty answers (nothing was scored).
+    version, staleness = replicas.version, config.services.max_staleness
+    groups, stale, empty, tokens = [], 0, 0, 0
+    for j, result in enumerate(share.results):
+        group = []
+        for c in result.completions:
+            tokens += len(c.token_ids)
+            if not 0 <= version - c.weight_version <= staleness:
+                stale += 1
+            elif (j, c.index) not in share.scores:
+                empty += 1
+            else:
+                group.append(Sample(mine_prompts[j], pending.prompt_ids[j], list(c.token_ids), c.text,
+                                    list(c.logprobs), c.finish_reason, c.weight_version, share.scores[(j, c.index)]))
+        groups.append(group)
+    parts = distributed.all_gather_object((groups, tokens, stale, empty, share.generate_seconds + share.score_seconds))
     groups = [g for g in distributed.interleave([p[0] for p in parts]) if g]
     # Whole minibatches only (each split evenly over the ranks), cut at group boundaries when the
     # estimator compares a group's completions; what is cut is counted too.
@@ -205,9 +283,10 @@ def collect(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: S
     else:
         samples = [s for g in groups for s in g]
         groups = [[s] for s in samples[:len(samples) - len(samples) % M]]
-    return Rollout([s for g in groups for s in g], prompts, generated_tokens=sum(p[1] for p in parts),
+    return Rollout([s for g in groups for s in g], pending.prompts, generated_tokens=sum(p[1] for p in parts),
                    group_sizes=[len(g) for g in groups], dropped_stale=sum(p[2] for p in parts),
-                   dropped_empty=sum(p[3] for p in parts), dropped_trim=total - sum(map(len, groups)))
+                   dropped_empty=sum(p[3] for p in parts), dropped_trim=total - sum(map(len, groups)),
+                   rollout_seconds=max(p[4] for p in parts), waited_seconds=waited)
 
 
 def forward_rows(fn, batch: Batch, rows: list[int], chunk: int) -> torch.Tensor:
@@ -244,6 +323,10 @@ def make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: i
     rewards, kl, shaped = shape_rewards(scores, old_logprobs, ref_logprobs, mask, beta,
                                         kl_estimator=cfg.kl_estimator, missing_eos=missing_eos,
                                         missing_eos_penalty=cfg.missing_eos_penalty, score_clip=cfg.score_clip)
+    if config.is_correction:
+        is_weights, is_capped = truncated_is_weights(old_logprobs, sampler_logprobs, mask, cfg.is_cap)
+    else:
+        is_weights, is_capped = mask, torch.zeros_like(mask, dtype=torch.bool)
     returns = torch.zeros_like(rewards)
     if cfg.advantage == "gae":
         advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
@@ -256,7 +339,7 @@ def make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: i
                     if cfg.advantage == "grpo" else rloo_advantages(sequence_rewards, rollout.group_sizes))
         advantages = per_token(estimate, mask)
     return Experience(batch, old_logprobs, ref_logprobs, sampler_logprobs, values, kl, rewards, advantages, returns,
-                      shaped)
+                      shaped, is_weights, is_capped)
 
 
 def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dict[str, float]:
@@ -285,7 +368,8 @@ def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dic
             new_logprobs, logits = policy_forward(state.policy, local, T)
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                        local_mask, cfg.clip, loss_agg=cfg.loss_agg,
-                                                       normalizer=normalizer)
+                                                       normalizer=normalizer,
+                                                       is_weights=exp.is_weights[rows] if config.is_correction else None)
             loss = pg_loss
             with torch.set_grad_enabled(cfg.ent_coef > 0):  # the [B, R, vocab] graph only when it is trained
                 entropy = entropy_from_logits(logits)
@@ -331,7 +415,8 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
     mask = exp.batch.response_mask
     samples = rollout.samples
     return StepMetrics(
-        step=state.step, weight_version=state.version - 1, pushed_version=state.version, time=time.time(),
+        step=state.step, weight_version=min(s.weight_version for s in samples), pushed_version=state.version,
+        time=time.time(),
         reward_mean=float(np.mean([s.score for s in samples])), score_mean=exp.scores.mean().item(),
         kl=exp.kl.sum(-1).mean().item(), entropy=stats["entropy"], clip_fraction=stats["clip_fraction"],
         approx_kl=stats["approx_kl"], policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
@@ -343,11 +428,25 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
         missing_eos_share=float(np.mean([s.finish_reason == "length" for s in samples])),
         response_length=mask.sum(-1).mean().item(), replica_resyncs=resyncs,
         trained_versions=sorted({s.weight_version for s in samples}),
+        staleness={str(k): v for k, v in sorted(collections.Counter(state.version - 1 - s.weight_version
+                                                                     for s in samples).items())},
+        is_weight_mean=masked_mean(exp.is_weights, mask).item(),
+        is_weight_max=float(exp.is_weights.max()), is_capped_share=masked_mean(exp.is_capped.float(), mask).item(),
+        rollout_seconds=rollout.rollout_seconds,
+        rollout_hidden=(max(0.0, 1.0 - rollout.waited_seconds / rollout.rollout_seconds)
+                        if rollout.waited_seconds < rollout.rollout_seconds else 0.0),
         prompts_sha=hashlib.sha256("\n".join(rollout.prompts).encode()).hexdigest()[:16],
         phase_seconds=dict(seconds))
 
 
 # ---- between steps -------------------------------------------------------------------------
+
+def abandon(pending: PendingRollout | None) -> None:
+    """A rollout the run will not train on (it stops): its prompts are drawn again after a resume
+    (PPOState.prompts_in_flight), its completions are dropped."""
+    if pending is not None and pending.future is not None:
+        pending.future.cancel()
+
 
 def between_steps(control: Control, d: Dist, stop: threading.Event, save, replicas: PolicyReplicas) -> bool:
     """Checkpoints asked for over TrainerService, a pause, a stop: decided on rank 0 (a stop on
@@ -431,6 +530,9 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
 
     previous_handlers = ({s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
                          if handle_signals else {})
+    background = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollout")
+                  if config.rollout.mode == "one_step_off" else None)
+    pending: PendingRollout | None = None
     try:
         resumed = distributed.broadcast_object(checkpoint.latest(out) if resume and d.main else None, d)
         if resumed is not None:
@@ -459,9 +561,18 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         resyncs = replicas.resyncs
         while state.step < config.steps and between_steps(control, d, stop, save, replicas):
             seconds, step_start = {}, time.perf_counter()
-            with phase(seconds, Phase.SYNCING, control):
-                sync()
-            rollout = collect(state, config, replicas, scorer, tokenizer, d, seconds, control, sync)
+            if pending is None:
+                with phase(seconds, Phase.SYNCING, control):
+                    sync()
+                pending = launch_rollout(state, config, replicas, scorer, tokenizer, d, background)
+            rollout = finish_rollout(pending, state, config, replicas, scorer, d, seconds, control, sync)
+            pending = None
+            if background and state.step + 1 < config.steps:
+                # one_step_off: the next step's rollout is generated and scored while this one
+                # trains and pushes; its completions come from these weights, one version behind.
+                with phase(seconds, Phase.SYNCING, control):
+                    sync()
+                pending = launch_rollout(state, config, replicas, scorer, tokenizer, d, background)
             if not rollout.samples:
                 log.warning("step %d: no usable completion (%d stale, %d empty), sampling again", state.step,
                             rollout.dropped_stale, rollout.dropped_empty)
@@ -493,6 +604,7 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 save()
         progress.close()
+        abandon(pending)
         save()
         done = state.step >= config.steps
         ranks = distributed.all_gather_object(distributed.memory_report(
@@ -505,17 +617,21 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         return state.history
     except Stopped:
         log.warning("stopped at step %d; checkpointing", state.step)
+        abandon(pending)
         save()
         control.finish(Phase.FAILED, "stopped by signal")
         return state.history
     except (DependencyDown, RequestRefused) as e:
         log.error("stopping: %s; checkpoint at step %d in %s", e, state.step, out)
+        abandon(pending)
         save()
         control.finish(Phase.FAILED, str(e))
         raise SystemExit(f"PPO stopped at step {state.step}: {e}. Resume with --resume once it is fixed.") from e
     finally:
         for s, h in previous_handlers.items():
             signal.signal(s, h)
+        if background:
+            background.shutdown(wait=False, cancel_futures=True)
         replicas.close()
         scorer.close()
         if server:

@@ -36,6 +36,12 @@ class StepMetrics:
     response_length: float  # mean tokens per trained completion
     replica_resyncs: int  # pushes so far that brought a restarted or stale replica back
     trained_versions: list[int]  # weight versions of the completions trained on
+    staleness: dict[str, int]  # completions trained on, by how many versions behind the weights they were trained with
+    is_weight_mean: float  # of min(pi_old / pi_sampler, is_cap) over tokens (1 without the correction)
+    is_weight_max: float
+    is_capped_share: float  # tokens whose weight hit ppo.is_cap
+    rollout_seconds: float  # generating and scoring the step's completions took
+    rollout_hidden: float  # share of rollout_seconds spent while the trainer trained (one_step_off)
     prompts_sha: str  # of the step's prompts: resume repeats or skips none
     phase_seconds: dict[str, float]  # generate, score, reference, train, push
 
@@ -57,7 +63,13 @@ GAUGES = {key: Gauge(f"rlhf_trainer_{key}", help) for key, help in [
     ("value_loss", "Clipped value loss."),
     ("beta", "KL coefficient."),
     ("logprob_gap", "Mean |trainer logprob - policy service logprob| per token: engine mismatch or stale weights."),
+    ("is_weight_mean", "Mean truncated importance weight pi_old / pi_sampler over tokens."),
+    ("is_weight_max", "Largest truncated importance weight of the step."),
+    ("is_capped_share", "Share of tokens whose importance weight hit ppo.is_cap."),
+    ("rollout_hidden", "Share of the step's rollout time hidden behind training (one_step_off)."),
 ]}
+STALENESS = Histogram("rlhf_trainer_completion_staleness", "Weight versions between a trained completion's sampler "
+                      "and the trainer.", buckets=(0, 1, 2, 3, 5, 10))
 GENERATED_TOKENS = Counter("rlhf_trainer_generated_tokens_total", "Tokens generated for the trainer (rate() gives tokens/s).")
 STEP_SECONDS = Histogram("rlhf_trainer_step_seconds", "Seconds per PPO step phase.", ["phase"],
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
@@ -75,6 +87,9 @@ def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
     for key, gauge in GAUGES.items():
         gauge.set(getattr(m, key))
     GENERATED_TOKENS.inc(m.generated_tokens)
+    for behind, n in m.staleness.items():
+        for _ in range(n):
+            STALENESS.observe(int(behind))
     for phase, seconds in m.phase_seconds.items():
         STEP_SECONDS.labels(phase).observe(seconds)
     for reason, n in (("stale", m.completions_dropped), ("empty", m.completions_empty),

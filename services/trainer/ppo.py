@@ -279,22 +279,40 @@ def loss_normalizer(mask: torch.Tensor, mode: str) -> torch.Tensor:
     return mask.sum() if mode == "token_mean" else torch.tensor(float(mask.shape[0]), device=mask.device)
 
 
+def truncated_is_weights(proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, mask: torch.Tensor,
+                         cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_t = min(pi_prox(a_t) / pi_behav(a_t), cap): how much more likely the trainer's weights at the
+    start of the update (the proximal policy) make a token than the weights that sampled it (a
+    version behind, or another engine's numerics). Truncated so that one stale token cannot
+    dominate (truncated IS; decoupled PPO, Hilton et al. 2022). Returns (weights, capped) [B, T],
+    0 on padding; no gradient flows through them."""
+    ratio = torch.exp(_zero_pad(proximal_logprobs - behaviour_logprobs, mask)).detach()
+    capped = (ratio > cap) & mask.bool()
+    return _zero_pad(ratio.clamp(max=cap), mask), capped
+
+
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_range: float = 0.2, *, loss_agg: str = "token_mean",
-                normalizer: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate: -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), aggregated over
+                normalizer: float | torch.Tensor | None = None,
+                is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: -w * min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), aggregated over
     real tokens as `loss_agg` says (see aggregate).
 
-    The clip removes the incentive to move the ratio further than eps in one
-    update. Returns (loss, clip fraction, approx_kl); approx_kl is the k3
-    estimate mean((ratio - 1) - log ratio) of KL(old || new), for early stopping
-    and monitoring (both token means of these rows).
+    ratio is taken against `old_logprobs`, the proximal policy (the trainer's weights at the
+    start of the update); `is_weights` (truncated_is_weights; None: 1) carry the correction from
+    the behaviour policy that sampled the tokens to the proximal one. The clip removes the
+    incentive to move the ratio further than eps in one update. Returns (loss, clip fraction,
+    approx_kl); approx_kl is the k3 estimate mean((ratio - 1) - log ratio) of KL(old || new), for
+    early stopping and monitoring (both token means of these rows).
     """
     log_ratio = _zero_pad(logprobs - old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = aggregate(torch.maximum(pg_losses, pg_losses_clipped), mask, loss_agg, normalizer)
+    per_token_loss = torch.maximum(pg_losses, pg_losses_clipped)
+    if is_weights is not None:
+        per_token_loss = is_weights * per_token_loss
+    loss = aggregate(per_token_loss, mask, loss_agg, normalizer)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)

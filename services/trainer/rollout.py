@@ -290,12 +290,14 @@ class PolicyReplicas:
         pause = min(self.backoff.initial * 2 ** (replica.failures - 1), self.backoff.maximum)
         replica.retry_at = time.monotonic() + pause
 
-    def generate(self, prompt_ids: list[list[int]], sampling: dict, todo: list[int],
-                 results: list) -> tuple[list[int], list[str]]:
-        """One attempt at the prompts `todo` (indices into prompt_ids), spread over the replicas in
-        sync; fills results[i] with the PromptResult of prompt i. Returns the indices that failed
-        and the replicas that failed them. No collective inside."""
-        ready = [r for r in self.replicas.values() if r.in_sync(self.version)]
+    def generate(self, prompt_ids: list[list[int]], sampling: dict, todo: list[int], results: list,
+                 version: int | None = None) -> tuple[list[int], list[str]]:
+        """One attempt at the prompts `todo` (indices into prompt_ids), spread over the replicas
+        serving `version` (default: the trainer's); fills results[i] with the PromptResult of
+        prompt i. Returns the indices that failed and the replicas that failed them. No collective
+        inside: a background rollout calls this while the main thread trains."""
+        version = self.version if version is None else version
+        ready = [r for r in self.replicas.values() if r.in_sync(version)]
         if not ready:
             return todo, []
         shares = [todo[i::len(ready)] for i in range(len(ready))]
@@ -304,7 +306,7 @@ class PolicyReplicas:
             if not idx:
                 return []
             try:
-                reply = replica.client.generate([prompt_ids[i] for i in idx], require_weight_version=self.version,
+                reply = replica.client.generate([prompt_ids[i] for i in idx], require_weight_version=version,
                                                 **sampling)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:

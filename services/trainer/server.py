@@ -15,7 +15,8 @@ PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Pha
 
 # StepMetrics fields without a field of their own in the message: they go to `extra`.
 EXTRA = ("pushed_version", "score_mean", "kl_loss", "logprob_gap", "completions", "completions_dropped", "completions_empty",
-         "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs")
+         "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs",
+         "is_weight_mean", "is_weight_max", "is_capped_share", "rollout_seconds", "rollout_hidden")
 
 
 def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:

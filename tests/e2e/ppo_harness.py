@@ -19,11 +19,12 @@ ENV = {"RLHF_AUTH_TOKEN": TOKEN, "VLLM_CPU_KVCACHE_SPACE": "1"}
 AUTH = ClientConfig(auth_token=TOKEN)
 
 
-def policy_server(model_dir, log_dir: pathlib.Path, port: int | None = None) -> ChildServer:
+def policy_server(model_dir, log_dir: pathlib.Path, port: int | None = None, extra: tuple[str, ...] = ()) -> ChildServer:
     port = port or free_port()
     metrics = free_port()
     server = ChildServer(rlhf_command("serve", "policy", "--model", str(model_dir), "--host", "127.0.0.1",
-                                      "--port", str(port), "--metrics-port", str(metrics), "--kv-cache-gib", "1"),
+                                      "--port", str(port), "--metrics-port", str(metrics), "--kv-cache-gib", "1",
+                                      *extra),
                          port=port, service="rlhf.v1.PolicyService", env=ENV,
                          log_path=log_dir / f"policy-{port}.log")
     server.metrics_port = metrics
@@ -39,11 +40,15 @@ def reward_server(model_dir, log_path: pathlib.Path, port: int | None = None) ->
 
 def write_config(path: pathlib.Path, stack: dict, out: pathlib.Path, steps: int, deadline_s: float = 240,
                  **extra) -> pathlib.Path:
+    """A small PPO run against the stack; `extra` adds keys, its sections (rollout=..., ppo=...,
+    services=...) are merged into the defaults."""
     config = dict(policy_addresses=[r.address for r in stack["replicas"]], reward_address=stack["reward"].address,
                   sft_model=str(stack["policy_dir"]), reward_model=str(stack["reward_dir"]),
                   prompts=str(stack["prompts"]), out=str(out), steps=steps, seed=0,
                   rollout=dict(batch_size=16, max_tokens=16), ppo=dict(epochs=1, minibatch_size=8, lr=1e-4),
-                  services=dict(dependency_deadline_s=deadline_s, retry_max_s=2.0), **extra)
+                  services=dict(dependency_deadline_s=deadline_s, retry_max_s=2.0))
+    for key, value in extra.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in config else value
     path.write_text(yaml.safe_dump(config))
     return path
 

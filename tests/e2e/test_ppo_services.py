@@ -143,3 +143,57 @@ def test_reward_outage_delays_the_run_and_one_past_the_deadline_stops_it_with_a_
     assert "reward service failing for" in stopped and "Resume with --resume" in stopped, stopped[:300]
     assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step-{step:06d}"
     assert [m["step"] for m in read_metrics(out)] == list(range(1, step + 1))
+
+
+ONE_STEP_OFF = dict(rollout=dict(mode="one_step_off"), services=dict(max_staleness=1))
+
+
+def test_one_step_off_trains_on_completions_one_version_old_even_with_a_slow_replica(stack, tmp_path):
+    """The next step's rollout runs while a step trains and pushes; a replica that generates one
+    sequence at a time (--max-num-seqs 1) drags its share out, and still no completion older than
+    services.max_staleness = 1 is trained on; the run ends with every replica at the final weights."""
+    slow = policy_server(stack["policy_dir"], stack["logs"], extra=("--max-num-seqs", "1")).start().wait_ready()
+    out = tmp_path / "run"
+    try:
+        config = write_config(tmp_path / "ppo.yaml", {**stack, "replicas": [*stack["replicas"], slow]}, out,
+                              steps=6, **ONE_STEP_OFF)
+        proc, _ = start_trainer(config, tmp_path / "trainer.log")
+        assert proc.wait(timeout=900) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+        history = read_metrics(out)
+        assert [m["step"] for m in history] == list(range(1, 7))
+        assert history[0]["staleness"] == {"0": history[0]["completions"]}  # the first rollout is the only sync one
+        for m in history[1:]:
+            assert m["staleness"] == {"1": m["completions"]}, m
+            assert m["trained_versions"] == [m["pushed_version"] - 2], m
+            assert m["rollout_hidden"] > 0
+        with PolicyClient(slow.address, AUTH) as client:
+            assert client.model_info().weight_version == history[-1]["pushed_version"]
+    finally:
+        slow.terminate()
+
+
+def test_one_step_off_stopped_and_resumed_neither_repeats_nor_skips_a_prompt_batch(stack, tmp_path):
+    """SIGTERM finishes the step and checkpoints with the next rollout in flight; that rollout's
+    prompts are drawn again after the resume."""
+    import hashlib
+
+    from services.trainer.loop import Prompts
+    out, log = tmp_path / "run", tmp_path / "trainer.log"
+    config = write_config(tmp_path / "ppo.yaml", stack, out, steps=6, checkpoint_every=0, **ONE_STEP_OFF)
+    proc, _ = start_trainer(config, log)
+    try:
+        wait_for(lambda: len(read_metrics(out)) >= 2, 600, proc, "two steps")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = len(read_metrics(out))
+    assert (out / "checkpoints" / "LATEST").read_text().strip() == f"step-{stopped_at:06d}"
+    proc, _ = start_trainer(config, log, "--resume")
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    history = read_metrics(out)
+    assert [m["step"] for m in history] == list(range(1, 7))
+    prompts = Prompts(str(stack["prompts"]), seed=0)
+    expected = [hashlib.sha256("\n".join(prompts.next(16)).encode()).hexdigest()[:16] for _ in range(6)]
+    assert [m["prompts_sha"] for m in history] == expected

@@ -299,3 +299,42 @@ def test_split_rows_with_the_global_normaliser_add_up_to_the_whole():
 def test_k2_by_hand():
     lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
     assert close(ppo.kl_k2(lp, ref), [0.5 * 0.25, 0.5 * 1.0])
+
+
+# ---- one-step-off-policy correction ------------------------------------------------------------
+
+def test_truncated_is_weights_by_hand():
+    proximal = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
+    behaviour = torch.tensor([[-1.0, -3.0, -0.1], [-2.5, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w, capped = ppo.truncated_is_weights(proximal, behaviour, mask, cap=2.0)
+    # exp(0) = 1, exp(1) = 2.718 -> capped at 2, exp(-0.4) = 0.670, exp(1.5) = 4.48 -> 2; padding 0
+    assert close(w, [[1.0, 2.0, math.exp(-0.4)], [2.0, 0.0, 0.0]])
+    assert capped.tolist() == [[False, True, False], [True, False, False]]
+    assert not w.requires_grad
+
+
+def test_policy_loss_with_is_weights_by_hand():
+    logprobs = torch.log(torch.tensor([[0.5, 0.25]]))
+    old = torch.log(torch.tensor([[0.4, 0.25]]))
+    adv = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2)
+    w = torch.tensor([[0.5, 2.0]])
+    # ratios 1.25 (clipped to 1.2 for A > 0) and 1.0: per-token losses -1.2 and 2.0, weighted -0.6 and 4.0
+    loss, clipfrac, _ = ppo.policy_loss(logprobs, old, adv, mask, clip_range=0.2, is_weights=w)
+    assert close(loss, (-0.6 + 4.0) / 2)
+    assert close(clipfrac, 0.5)
+
+
+def test_all_fresh_completions_give_exactly_the_sync_loss():
+    """Sampled by the proximal weights themselves, every IS weight is exp(0) = 1: the corrected loss
+    is the uncorrected one, bit for bit."""
+    torch.manual_seed(0)
+    old = -torch.rand(4, 6) * 3
+    logprobs = old + 0.1 * torch.randn(4, 6)
+    adv, mask = torch.randn(4, 6), (torch.rand(4, 6) > 0.2).float()
+    w, capped = ppo.truncated_is_weights(old, old.clone(), mask, cap=2.0)
+    assert torch.equal(w, mask) and not capped.any()
+    plain = ppo.policy_loss(logprobs, old, adv, mask, 0.2)[0]
+    corrected = ppo.policy_loss(logprobs, old, adv, mask, 0.2, is_weights=w)[0]
+    assert torch.equal(plain, corrected)
