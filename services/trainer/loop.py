@@ -143,7 +143,7 @@ class PPOState:
 
     def scalars(self) -> dict:
         return dict(**{k: v.state_dict() for k, v in self.schedulers().items()}, kl_ctl=self.kl_ctl.state_dict(),
-                    prompts=self.prompts.state_dict(), weight_version=self.version,
+                    prompts=self.prompts_in_flight or self.prompts.state_dict(), weight_version=self.version,
                     history=[m.to_json() for m in self.history])
 
     def save(self, out: pathlib.Path, tokenizer, d: Dist) -> pathlib.Path:
