@@ -34,6 +34,11 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="run N ranks on this machine: re-executes the command under torchrun --nproc-per-node N")
 
 
+def _add_column_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    for name in names:
+        p.add_argument(f"--{name}-key", metavar="COLUMN", help=f"the column holding the {name} (default {name})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -73,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = _command(train, name, target, help)
         _add_job_args(p)
         p.add_argument("--model", help="Hugging Face model directory to start from")
-        p.add_argument("--data", help="JSONL file")
+        p.add_argument("--data", help="JSONL, JSON or Parquet file, save_to_disk directory or hub id, in a TRL format")
+        p.add_argument("--data-split", help="split of a directory or hub data set (default train)")
+        _add_column_args(p, ("prompt", "completion", "response", "messages", "text") if name == "sft"
+                         else ("prompt", "chosen", "rejected"))
         p.add_argument("--out", help="output directory (Hugging Face layout)")
         p.add_argument("--epochs", type=float)
         p.add_argument("--lr", type=float)
@@ -89,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", dest="reward_address", metavar="HOST:PORT", help="reward service address")
     p.add_argument("--sft-model", help="policy and reference start (SFT output)")
     p.add_argument("--reward-model", help="value model start (reward model directory)")
-    p.add_argument("--prompts", help="prompts JSONL")
+    p.add_argument("--prompts", help="prompts data set (a \"prompt\" per row: a string or a conversation)")
+    _add_column_args(p, ("prompt",))
     p.add_argument("--out", help="run directory: checkpoints, metrics.jsonl, plots")
     p.add_argument("--steps", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")

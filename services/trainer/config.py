@@ -48,7 +48,9 @@ class Job(Section):
 
 class Supervised(Job):
     model: str  # Hugging Face directory to start from
-    data: str  # JSONL file
+    data: str  # JSONL, JSON or Parquet file, a save_to_disk directory, or a hub id (TRL formats: see formats.py)
+    data_split: str = "train"  # of a directory or hub data set with several
+    columns: dict[str, str] = {}  # our column name -> yours, e.g. {"prompt": "question", "completion": "answer"}
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-5, gt=0)
     batch_size: int = Field(32, ge=1)  # examples (pairs for rm) per optimizer step, over all ranks
@@ -131,7 +133,9 @@ class Config(Job):
     reward_address: str = Field(min_length=1)
     sft_model: str = Field(min_length=1)  # the policy's start and the frozen reference
     reward_model: str | None = Field(None, min_length=1)  # the value model's start (gae only)
-    prompts: str = Field(min_length=1)  # JSONL with a "prompt" per row
+    prompts: str = Field(min_length=1)  # data set with a "prompt" per row: a string or a conversation
+    data_split: str = "train"
+    columns: dict[str, str] = {}  # e.g. {"prompt": "question"}
     out: str = "runs/ppo"
     steps: int = Field(100, ge=1)
     checkpoint_every: int = Field(10, ge=0)  # steps; 0 = only at the end
@@ -224,5 +228,11 @@ def dump(config: Section) -> str:
 
 
 def from_args(cls: type[Section], args: argparse.Namespace, flags: dict[str, str]):
-    """load() from the parsed CLI: flags maps a config key to the attribute of `args` holding it."""
-    return load(cls, args.config, args.set, {key: getattr(args, attr, None) for key, attr in flags.items()})
+    """load() from the parsed CLI: flags maps a config key to the attribute of `args` holding it;
+    --prompt-key and the like go to `columns`."""
+    given = {key: getattr(args, attr, None) for key, attr in flags.items()}
+    given |= {f"columns.{name}": getattr(args, f"{name}_key", None) for name in COLUMN_FLAGS}
+    return load(cls, args.config, args.set, given)
+
+
+COLUMN_FLAGS = ("prompt", "completion", "response", "chosen", "rejected", "messages", "text")

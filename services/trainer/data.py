@@ -1,12 +1,7 @@
-"""JSONL loading, train/eval split and batching shared by the training jobs.
-
-Every example is tokenized the way the services see it (services.common.text):
-format_prompt(prompt) and the response separately, EOS after the response.
-"""
+"""Train/eval split, batching and learning-rate schedules shared by the training jobs
+(reading the data sets: services.trainer.formats)."""
 from __future__ import annotations
 
-import json
-import pathlib
 import random
 
 import torch
@@ -14,29 +9,6 @@ import torch
 from services.common.errors import InvalidArgument
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (the prompt, padding)
-
-
-def read_jsonl(path, required: tuple[str, ...]) -> list[dict]:
-    """All rows of a JSONL file; a row without a required string field is an error naming the line."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InvalidArgument(f"data file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(f"{path}:{lineno} is not JSON: {e}") from None
-            for key in required:
-                if not isinstance(row.get(key), str):
-                    raise InvalidArgument(f"{path}:{lineno} needs a string field {key!r}")
-            rows.append(row)
-    if not rows:
-        raise InvalidArgument(f"{path} holds no examples")
-    return rows
 
 
 def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -49,23 +21,6 @@ def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list,
     if n_eval >= len(rows):
         raise InvalidArgument(f"eval_fraction {eval_fraction} leaves no training examples out of {len(rows)}")
     return rows[n_eval:], rows[:n_eval]
-
-
-def encode_sft(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], list[int], bool]:
-    """(input_ids, labels, truncated): labels are IGNORE_INDEX on the prompt so only the response is learned.
-
-    Too long: the end of the response is cut (it then has no EOS); the prompt is kept whole.
-    """
-    from services.common.text import encode_pair
-
-    prompt_ids, response_ids = encode_pair(tokenizer, prompt, response)
-    ids = list(prompt_ids) + list(response_ids)
-    labels = [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)
-    truncated = len(ids) > max_length
-    if len(prompt_ids) >= max_length:
-        raise InvalidArgument(f"a prompt of {len(prompt_ids)} tokens leaves no room for a response "
-                              f"in max_length {max_length}")
-    return ids[:max_length], labels[:max_length], truncated
 
 
 def pad_right(seqs: list[list[int]], pad_value: int) -> torch.Tensor:

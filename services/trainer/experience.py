@@ -16,7 +16,7 @@ from services.trainer.ppo import logprobs_from_logits
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One completion as the policy and reward services returned it."""
-    prompt: str
+    prompt: str | list[dict]  # as the data set gave it: a string or a conversation
     prompt_ids: list[int]
     response_ids: list[int]  # EOS included when the completion ended on it
     response_text: str
@@ -30,7 +30,7 @@ class Sample:
 class Rollout:
     """One step's samples in global order (the same list on every rank) and what was left out."""
     samples: list[Sample]
-    prompts: list[str]  # the step's prompts, before anything was dropped
+    prompts: list  # the step's prompts, before anything was dropped
     generated_tokens: int  # over every completion, dropped ones included
     group_sizes: list[int]  # the completions of one prompt are consecutive: len(samples) == sum(group_sizes)
     dropped_stale: int = 0  # sampled by weights off the trainer's version beyond the staleness bound

@@ -44,11 +44,9 @@ import torch
 from tqdm import tqdm
 
 from services.common.config import ClientConfig, ServerConfig
-from services.common.text import format_prompt
-from services.trainer import checkpoint, distributed, metrics
+from services.trainer import checkpoint, distributed, formats, metrics
 from services.trainer.config import Config, ConfigError, dump
 from services.trainer.control import Checkpoint, Control, Phase
-from services.trainer.data import read_jsonl
 from services.trainer.distributed import Dist
 from services.trainer.experience import Batch, Experience, Rollout, Sample, policy_forward, value_forward
 from services.trainer.metrics import StepMetrics
@@ -65,16 +63,16 @@ MAX_VERSION = 2**63 - 1
 
 
 class Prompts:
-    """The train prompts in a seeded order per epoch; the position is checkpointed."""
+    """The train prompts (strings or conversations) in a seeded order per epoch; the position is
+    checkpointed."""
 
-    def __init__(self, path: str, seed: int):
-        rows = read_jsonl(path, ("prompt",))
-        self.prompts = [r["prompt"] for r in rows if r.get("split", "train") == "train"]
+    def __init__(self, path: str, seed: int, columns: dict[str, str] | None = None, split: str = "train"):
+        self.prompts = formats.prompts(formats.load_rows(path, columns, split), path)
         if not self.prompts:
             raise ConfigError(f"prompts: {path} holds no train prompts")
         self.seed, self.epoch, self.index = seed, 0, 0
 
-    def next(self, n: int) -> list[str]:
+    def next(self, n: int) -> list[str | list[dict]]:
         out = []
         while len(out) < n:
             order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.prompts))
@@ -123,7 +121,7 @@ class PPOState:
         kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
                   else FixedKLController(cfg.beta))
         state = cls(policy, reference, policy_opt, torch.optim.lr_scheduler.LambdaLR(policy_opt, warmup), kl_ctl,
-                    Prompts(config.prompts, config.seed))
+                    Prompts(config.prompts, config.seed, config.columns, config.data_split))
         if config.critic:
             state.value = distributed.load_model(AutoModelForSequenceClassification, config.reward_model, d,
                                                  num_labels=1)
@@ -225,7 +223,8 @@ def launch_rollout(state: PPOState, config: Config, replicas: PolicyReplicas, sc
     prompts = state.prompts.next(config.rollout.batch_size)
     mine = d.rows(len(prompts))
     mine_prompts = [prompts[i] for i in mine]
-    prompt_ids = [tokenizer(format_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in mine_prompts]
+    prompt_ids = [tokenizer(formats.render_prompt(tokenizer, p), add_special_tokens=False).input_ids
+                  for p in mine_prompts]
     sampling = dict(n=config.rollout.n, max_tokens=config.rollout.max_tokens, temperature=config.rollout.temperature,
                     top_p=config.rollout.top_p, logprobs=True)
     run = functools.partial(run_share, replicas, scorer, config, mine_prompts, prompt_ids, sampling, replicas.version)
@@ -435,7 +434,7 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
         rollout_seconds=rollout.rollout_seconds,
         rollout_hidden=(max(0.0, 1.0 - rollout.waited_seconds / rollout.rollout_seconds)
                         if rollout.waited_seconds < rollout.rollout_seconds else 0.0),
-        prompts_sha=hashlib.sha256("\n".join(rollout.prompts).encode()).hexdigest()[:16],
+        prompts_sha=hashlib.sha256("\n".join(map(formats.as_prompt_text, rollout.prompts)).encode()).hexdigest()[:16],
         phase_seconds=dict(seconds))
 
 

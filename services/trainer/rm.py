@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.reward import model as rm
-from services.reward.tokens import encode
-from services.trainer import distributed
+from services.trainer import distributed, formats
 from services.trainer.config import ConfigError, RMConfig
-from services.trainer.data import read_jsonl, split_train_eval
+from services.trainer.data import split_train_eval
 from services.trainer.distributed import Dist
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
 
@@ -37,23 +36,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, reduction: 
     """-log sigmoid(R_c - R_r) over pairs, averaged or summed (logsigmoid is the stable form)."""
     losses = -F.logsigmoid(chosen - rejected)
     return losses.sum() if reduction == "sum" else losses.mean()
-
-
-def _encode_pairs(tokenizer, rows, max_length):
-    """[(chosen_ids, rejected_ids)] and the rows kept; a response that cannot fit even alone is dropped."""
-    pairs, kept, dropped = [], [], 0
-    for row in rows:
-        try:
-            c, _ = encode(tokenizer, row["prompt"], row["chosen"], max_length, "keep_end_of_prompt")
-            r, _ = encode(tokenizer, row["prompt"], row["rejected"], max_length, "keep_end_of_prompt")
-        except InvalidArgument:
-            dropped += 1
-            continue
-        pairs.append((c, r))
-        kept.append(row)
-    if dropped:
-        log.warning("%d pairs have a response longer than max_length %d and were dropped", dropped, max_length)
-    return pairs, kept
 
 
 def _pair_rewards(model, pairs, idx, pad_id, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,10 +76,11 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
         raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    rows = read_jsonl(cfg.data, ("prompt", "chosen", "rejected"))
+    rows = formats.load_rows(cfg.data, cfg.columns, cfg.data_split)
     train_rows, eval_rows = split_train_eval(rows, cfg.eval_fraction, cfg.seed)
-    train, train_rows = _encode_pairs(tokenizer, train_rows, cfg.max_length)
-    evalset, eval_rows = _encode_pairs(tokenizer, eval_rows, cfg.max_length)
+    train, train_rows = formats.preference_examples(tokenizer, train_rows, cfg.max_length, cfg.data)
+    evalset, eval_rows = (formats.preference_examples(tokenizer, eval_rows, cfg.max_length, cfg.data)
+                          if eval_rows else ([], []))
     if not train:
         raise InvalidArgument(f"no pair of {cfg.data} fits max_length {cfg.max_length}")
 

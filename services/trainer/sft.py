@@ -1,7 +1,8 @@
 """Supervised fine-tuning: the first stage of RLHF, and the reference policy of PPO.
 
-L_SFT = -sum_i log P(y_i | x, y_<i) over the response tokens (and the EOS that ends them); the
-prompt is context only (labels -100). Averaged per token.
+L_SFT = -sum_i log P(y_i | x, y_<i) over the completion tokens (and the EOS or end-of-turn that
+ends them: the assistant turns of a conversation); the prompt is context only (labels -100).
+Averaged per token. Data: any TRL SFT format (services.trainer.formats).
 
     rlhf train sft --model models/policy --data data/sft.jsonl --out models/sft
     torchrun --nproc-per-node 8 -m services.cli train sft --config sft.yaml
@@ -18,7 +19,7 @@ import time
 import torch
 
 from services.trainer import data as D
-from services.trainer import distributed
+from services.trainer import distributed, formats
 from services.trainer.config import ConfigError, SFTConfig
 from services.trainer.distributed import Dist
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
@@ -59,15 +60,13 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None, progress: bool = True) -> d
         raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token: a response could never end")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    rows = D.read_jsonl(cfg.data, ("prompt", "response"))
+    rows = formats.load_rows(cfg.data, cfg.columns, cfg.data_split)
     train_rows, eval_rows = D.split_train_eval(rows, cfg.eval_fraction, cfg.seed)
-    encoded = [D.encode_sft(tokenizer, r["prompt"], r["response"], cfg.max_length) for r in train_rows]
-    truncated = sum(t for _, _, t in encoded)
+    train, truncated = formats.sft_examples(tokenizer, train_rows, cfg.max_length, cfg.data)
     if truncated:
         log.warning("%d of %d training examples are longer than max_length %d and were cut",
-                    truncated, len(encoded), cfg.max_length)
-    train = [(ids, labels) for ids, labels, _ in encoded]
-    evalset = [D.encode_sft(tokenizer, r["prompt"], r["response"], cfg.max_length)[:2] for r in eval_rows]
+                    truncated, len(train), cfg.max_length)
+    evalset = formats.sft_examples(tokenizer, eval_rows, cfg.max_length, cfg.data)[0] if eval_rows else []
 
     model = distributed.load_model(AutoModelForCausalLM, cfg.model, d)
     # Divide by a constant, not by a batch's token count: batches are grouped by length, and a

@@ -11,6 +11,7 @@ from services.reward import model as rm
 from services.reward import tokens
 from services.trainer.rm import bradley_terry_loss, noise_ceiling
 from services.trainer import data as D
+from services.trainer import formats
 from services.trainer.sft import sft_nll
 
 
@@ -38,8 +39,8 @@ def test_sft_nll_counts_only_labelled_tokens():
 
 def test_encode_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
     from services.common.text import format_prompt
-    ids, labels, truncated = D.encode_sft(tokenizer, "How do I prepare for my calculus exam?",
-                                          "Just relax, it will work out.", 256)
+    row = {"prompt": "How do I prepare for my calculus exam?", "response": "Just relax, it will work out."}
+    ids, labels, truncated = formats.sft_example(tokenizer, row, "prompt_completion", 256, "row")
     prompt_len = len(tokenizer(format_prompt(tokenizer, "How do I prepare for my calculus exam?"),
                                add_special_tokens=False)["input_ids"])
     assert not truncated and len(ids) == len(labels)
@@ -47,11 +48,10 @@ def test_encode_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
     assert labels[prompt_len:] == ids[prompt_len:]
     assert ids[-1] == tokenizer.eos_token_id and labels[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[prompt_len:-1]) == "Just relax, it will work out."
-    ids2, labels2, truncated2 = D.encode_sft(tokenizer, "How do I prepare for my calculus exam?",
-                                             "Just relax, it will work out.", prompt_len + 2)
+    ids2, labels2, truncated2 = formats.sft_example(tokenizer, row, "prompt_completion", prompt_len + 2, "row")
     assert truncated2 and len(ids2) == prompt_len + 2 == len(labels2)
-    with pytest.raises(InvalidArgument, match="max_length"):
-        D.encode_sft(tokenizer, "How do I prepare for my calculus exam?", "x", prompt_len)
+    with pytest.raises(InvalidArgument, match="nothing to learn within max_length"):
+        formats.sft_example(tokenizer, {**row, "response": "x"}, "prompt_completion", prompt_len, "row")
 
 
 def test_bradley_terry_loss_by_hand():
@@ -152,16 +152,14 @@ def test_lr_schedule_by_hand():
     assert g(6) == pytest.approx(0.5)
 
 
-def test_read_jsonl_names_the_bad_line(tmp_path):
+def test_unreadable_data_is_named(tmp_path):
     p = tmp_path / "d.jsonl"
-    p.write_text('{"prompt": "a", "response": "b"}\n\n{"prompt": "a"}\n')
-    with pytest.raises(InvalidArgument, match=r"d.jsonl:3 needs a string field 'response'"):
-        D.read_jsonl(p, ("prompt", "response"))
     p.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
-    with pytest.raises(InvalidArgument, match=r"d.jsonl:2 is not JSON"):
-        D.read_jsonl(p, ("prompt", "response"))
-    with pytest.raises(InvalidArgument, match="does not exist"):
-        D.read_jsonl(tmp_path / "missing.jsonl", ("prompt",))
+    with pytest.raises(InvalidArgument, match=r"cannot read .*d.jsonl"):
+        formats.load_rows(str(p))
+    with pytest.raises(InvalidArgument, match="is not .jsonl, .json or .parquet"):
+        (tmp_path / "d.csv").write_text("a,b\n")
+        formats.load_rows(str(tmp_path / "d.csv"))
 
 
 def test_noise_ceiling_from_meta_or_flags(tmp_path):
