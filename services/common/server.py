@@ -17,9 +17,11 @@ import asyncio
 import importlib.metadata
 import threading
 import logging
+import os
 import pathlib
 import platform
 import signal
+import sys
 from typing import Protocol
 
 import grpc
@@ -157,7 +159,16 @@ async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | Non
 
 
 def run(cfg: ServerConfig, servicer: Servicer) -> int:
-    return asyncio.run(serve(cfg, servicer))
+    code = asyncio.run(serve(cfg, servicer))
+    if code == EXIT_FATAL:
+        # Once vLLM's engine core had died, the interpreter's own teardown (garbage
+        # collection of module state) took ~9 s more here. Nothing is left to clean up and
+        # the supervisor is waiting to restart us: leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class BackgroundServer:

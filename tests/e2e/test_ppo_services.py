@@ -104,7 +104,7 @@ def requests_served(server: ChildServer) -> float:
     import urllib.request
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("rlhf_policy_requests_total{"))
+               if line.startswith("grpc_server_started_total{") and 'grpc_service="rlhf.v1.PolicyService"' in line)
 
 
 def test_two_replicas_survive_kill_9_and_trainer_service_controls_the_run(stack, tmp_path):

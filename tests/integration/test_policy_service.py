@@ -31,7 +31,7 @@ import xxhash
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from rlhf.v1 import common_pb2, policy_pb2
 from services.common.config import ClientConfig
 from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.policy.client import PolicyClient, plan_push, weight_messages
