@@ -945,8 +945,8 @@ def test_a_full_staging_disk_is_resource_exhausted(doomed, request):
 
 def test_a_dead_engine_turns_not_serving_and_exits(doomed, request):
     """kill -9 of vLLM's engine core (what the OOM killer does): health turns NOT_SERVING,
-    calls get UNAVAILABLE (never INTERNAL), and the process exits non-zero so that
-    Kubernetes restarts it."""
+    calls get UNAVAILABLE (never INTERNAL; CANCELLED at most for the few that race the final
+    stop), and the process exits non-zero at once so that Kubernetes restarts it."""
     import os
     import signal
 
@@ -997,11 +997,13 @@ def test_a_dead_engine_turns_not_serving_and_exits(doomed, request):
            load="4 clients of greedy Generate", errors=f"codes {codes}",
            lost=f"NOT_SERVING {'never seen' if not_serving is None else f'{not_serving:.2f} s'} after the kill; "
                 f"exit {exit_code} {exited:.1f} s after; staging files left {len(left)}",
-           result="pass" if exit_code not in (0, None) and not_serving is not None and exited < 20
-           and set(codes) <= {"OK", "UNAVAILABLE"} else "FAIL")
+           result="pass" if exit_code not in (0, None) and not_serving is not None and exited < 10
+           and set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"} else "FAIL")
     assert not_serving is not None and not_serving < 5.0, events
-    assert exit_code not in (0, None) and exited < 20, (exit_code, exited)
-    assert set(codes) <= {"OK", "UNAVAILABLE"} and codes.get("UNAVAILABLE"), codes
+    assert exit_code not in (0, None) and exited < 10, (exit_code, exited)
+    # CANCELLED: a call racing the final stop (grpc/grpc#41785, see the SIGTERM section of
+    # docs/reliability.md); never INTERNAL or UNKNOWN
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"} and codes.get("UNAVAILABLE"), codes
     assert not left  # it still stopped through the runtime: its staging files went with it
 
 
