@@ -23,7 +23,7 @@ from typing import Any
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.policy import limits
-from services.policy.limits import Chat, CheckedSampling, Limits, Prompt, Sampling
+from services.policy.limits import Chat, Limits, Prompt, Sampling
 from services.policy.metrics import (GENERATED_TOKENS, PROMPT_TOKENS, TTFT, UPDATE_BYTES, WEIGHT_VERSION)
 from services.policy.results import Completion, PromptResult
 from services.policy.weights import PushSession, StagedWeights, StagingDir, TensorSpec, checkpoint_tensors
@@ -218,7 +218,8 @@ class PolicyEngine:
     # ---- generation --------------------------------------------------------------------
 
     @staticmethod
-    def _sampling_params(c: CheckedSampling):
+    def _sampling_params(c: Sampling):
+        """vLLM's SamplingParams of checked sampling (limits.check_sampling)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 

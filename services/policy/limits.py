@@ -62,21 +62,6 @@ class Limits:
     seed_needs_single_n: bool = False
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckedSampling:
-    """Sampling with every default filled in and every value in range."""
-    n: int
-    temperature: float
-    top_p: float
-    top_k: int  # 0 = off
-    max_tokens: int
-    stop: list[str]
-    stop_token_ids: list[int]
-    seed: int | None
-    ignore_eos: bool
-    logprobs: bool
-
-
 def _utf8_size(text: str, limit: int) -> int:
     """The UTF-8 size of `text`; when its length alone is over `limit` (every character
     takes a byte at least), that length, without encoding a copy of a huge string."""
@@ -131,7 +116,8 @@ def check_token_ids(ids: list[int], field: str, limits: Limits, *, given: bool) 
                               f"{limits.max_model_len}")
 
 
-def check_sampling(s: Sampling, limits: Limits, longest_prompt: int, *, stream: bool = False) -> CheckedSampling:
+def check_sampling(s: Sampling, limits: Limits, longest_prompt: int, *, stream: bool = False) -> Sampling:
+    """`s` with every default filled in (top_k 0 for off), once every value is in range."""
     n = 1 if s.n is None else s.n
     if not 1 <= n <= limits.max_n:
         raise InvalidArgument(f"params.n must be in [1, {limits.max_n}], got {n}")
@@ -172,6 +158,6 @@ def check_sampling(s: Sampling, limits: Limits, longest_prompt: int, *, stream: 
     for i, t in enumerate(s.stop_token_ids):
         if not 0 <= t < limits.vocab_size:
             raise InvalidArgument(f"params.stop_token_ids[{i}] must be in [0, {limits.vocab_size}), got {t}")
-    return CheckedSampling(n=n, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), max_tokens=max_tokens,
-                           stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), seed=s.seed,
-                           ignore_eos=s.ignore_eos, logprobs=s.logprobs)
+    return Sampling(n=n, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), max_tokens=max_tokens,
+                    stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), seed=s.seed, ignore_eos=s.ignore_eos,
+                    logprobs=s.logprobs)
