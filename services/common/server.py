@@ -200,4 +200,4 @@ class BackgroundServer:
     def stop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(self.cfg.grace_seconds + 10)
+            self._thread.join(self.cfg.drain_linger_s + self.cfg.grace_seconds + 10)
