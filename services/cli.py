@@ -116,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     help = "serve PolicyService on vLLM"
     p = serve.add_parser("policy", help=help, description=help, engine_passthrough=True, allow_abbrev=False,
                          epilog="Every vLLM engine argument is accepted as well, by vLLM's own parser (e.g. --dtype, "
-                                "--max-model-len, --max-num-seqs, --max-num-batched-tokens, --enable-prefix-caching, "
-                                "--quantization, --tensor-parallel-size, --gpu-memory-utilization (default 0.85 "
-                                "here), --served-model-name); --help-vllm lists them.")
+                                "--max-model-len, --max-num-batched-tokens, --enable-prefix-caching, --quantization, "
+                                "--tensor-parallel-size, --served-model-name); --help-vllm lists them. Defaults that "
+                                "differ from vLLM's: --gpu-memory-utilization 0.85, --max-num-seqs 256.")
     p.set_defaults(target="services.policy.main:main")
     p.add_argument("--help-vllm", action=_VllmHelp)
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
