@@ -6,7 +6,7 @@
 
 Rows:
   generate    gRPC Generate tokens/s  vs  vLLM's AsyncLLM in this process (same model, batch,
-              sampling params)
+              sampling params, vLLM's stats on in both)
   push        UpdateWeights bytes/s over loopback (client push_weights: end to end, and the
               transfer alone as the server times it, before the engine applies the weights)
               vs  raw loopback TCP between two threads (socket.sendall of 64 MiB buffers) of
@@ -148,8 +148,9 @@ def bench_inprocess_generate(model: str, dtype: str, prompts, reps: int) -> floa
     from vllm.v1.engine.async_llm import AsyncLLM
 
     async def run() -> float:
+        # vLLM's stats on, as `rlhf serve policy` runs it (its vllm:* metrics are exported)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model, dtype=dtype, max_model_len=256,
-                                                        gpu_memory_utilization=0.1, disable_log_stats=True))
+                                                        gpu_memory_utilization=0.1))
         params = SamplingParams(**SAMPLING, output_kind=RequestOutputKind.FINAL_ONLY)
 
         async def one(i, p):

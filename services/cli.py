@@ -39,6 +39,34 @@ def _add_column_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None
         p.add_argument(f"--{name}-key", metavar="COLUMN", help=f"the column holding the {name} (default {name})")
 
 
+class _ServeParser(argparse.ArgumentParser):
+    """A `serve` subcommand's parser. With `engine_passthrough`, flags it does not declare
+    are kept in args.engine_argv instead of refused: `serve policy` hands them to vLLM's
+    own parser in the policy process (importing vLLM here would slow every command)."""
+
+    def __init__(self, *args, engine_passthrough: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.engine_passthrough = engine_passthrough
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extra = super().parse_known_args(args, namespace)
+        if self.engine_passthrough:
+            namespace.engine_argv, extra = extra, []
+        return namespace, extra
+
+
+class _VllmHelp(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0,
+                         help="list vLLM's engine arguments (imports vLLM) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from services.policy.options import engine_parser
+
+        engine_parser().print_help()
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
@@ -106,24 +134,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(p, port=50053, metrics_port=9103)
 
     # rlhf serve policy|reward
-    serve = sub.add_parser("serve", help="run a service").add_subparsers(dest="service", required=True, metavar="SERVICE")
-    p = _command(serve, "policy", "services.policy.main:main", "serve PolicyService on vLLM")
-    p.add_argument("--model", required=True)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="vLLM's continuous-batching width")
+    serve = sub.add_parser("serve", help="run a service").add_subparsers(
+        dest="service", required=True, metavar="SERVICE", parser_class=_ServeParser)
+    help = "serve PolicyService on vLLM"
+    p = serve.add_parser("policy", help=help, description=help, engine_passthrough=True, allow_abbrev=False,
+                         epilog="Every vLLM engine argument is accepted as well, by vLLM's own parser (e.g. --dtype, "
+                                "--max-model-len, --max-num-batched-tokens, --enable-prefix-caching, --quantization, "
+                                "--tensor-parallel-size, --served-model-name); --help-vllm lists them. Defaults that "
+                                "differ from vLLM's: --gpu-memory-utilization 0.85, --max-num-seqs 256.")
+    p.set_defaults(target="services.policy.main:main")
+    p.add_argument("--help-vllm", action=_VllmHelp)
+    p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--max-n", type=int, default=64, help="limit of SamplingParams.n")
     p.add_argument("--max-prompts", type=int, default=1024, help="limit of prompts per Generate")
+    p.add_argument("--max-text-bytes", type=int, default=65536,
+                   help="limit of one text prompt, or of all messages of one prompt, checked before tokenizing")
     p.add_argument("--max-push-bytes", type=int, default=64 << 30, help="limit of one UpdateWeights")
+    p.add_argument("--push-idle-timeout-s", type=float, default=60.0,
+                   help="drop an UpdateWeights stream that sends nothing for this long (default 60)")
     p.add_argument("--staging-dir", default=None,
                    help="where weight pushes are written as they arrive and kept while current; needs room for "
-                        "two full pushes (default: the temp dir; /dev/shm is faster but holds them in RAM)")
+                        "two full pushes, may be shared by servers (default: the temp dir; /dev/shm is faster but "
+                        "holds them in RAM)")
     add_server_args(p, port=50051, metrics_port=9101)
 
     p = _command(serve, "reward", "services.reward.main:main",

@@ -224,8 +224,11 @@ class GenerateRequest(_message.Message):
     """Free-form id echoed in logs. At most 128 bytes."""
     @_builtins.property
     def prompts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.TextOrTokens]:
-        """Prompts as text or token ids. Limit: [1, server --max-prompts] (default
-        1024); each non-empty and shorter than max_model_len tokens.
+        """Prompts as text (a raw completion prompt), token ids or messages (rendered
+        by the served tokenizer's chat template, generation prompt appended); see
+        TextOrTokens. Limit: [1, server --max-prompts] (default 1024); each
+        non-empty, at most --max-text-bytes of text (checked before tokenizing),
+        and shorter than max_model_len tokens.
         """
 
     @_builtins.property
@@ -718,7 +721,7 @@ class PolicyModelInfo(_message.Message):
     def engine_config(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Effective vLLM engine settings, by vLLM's own argument names
         (e.g. "max_num_batched_tokens", "enable_prefix_caching"), read back from
-        the running engine.
+        the running engine. `rlhf serve policy` takes every vLLM engine argument.
         """
 
     def __init__(

@@ -77,10 +77,14 @@ class PolicyServiceServicer:
 
     def UpdateWeights(self, request_iterator, context):
         """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-        tensor bytes, then one WeightsCommit. Nothing changes unless every byte
-        arrived and verified; then the new weights apply atomically, in-flight
-        generation finishes first, caches are reset and the version moves to
-        header.version. Never retried automatically.
+        tensor bytes, then one WeightsCommit, then the end of the stream (a message
+        after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
+        arrived and verified and the stream ended; then the new weights apply
+        atomically, in-flight generation finishes first, caches are reset and the
+        version moves to header.version. A stream that sends nothing for the
+        server's --push-idle-timeout-s (default 60 s) is dropped with
+        DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
+        automatically.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

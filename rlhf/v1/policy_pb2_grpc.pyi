@@ -42,10 +42,14 @@ class PolicyServiceStub:
     """Generation for one prompt, tokens streamed as they are produced."""
     UpdateWeights: _grpc.StreamUnaryMultiCallable[_policy_pb2.UpdateWeightsRequest, _policy_pb2.UpdateWeightsResponse]
     """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-    tensor bytes, then one WeightsCommit. Nothing changes unless every byte
-    arrived and verified; then the new weights apply atomically, in-flight
-    generation finishes first, caches are reset and the version moves to
-    header.version. Never retried automatically.
+    tensor bytes, then one WeightsCommit, then the end of the stream (a message
+    after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
+    arrived and verified and the stream ended; then the new weights apply
+    atomically, in-flight generation finishes first, caches are reset and the
+    version moves to header.version. A stream that sends nothing for the
+    server's --push-idle-timeout-s (default 60 s) is dropped with
+    DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
+    automatically.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _policy_pb2.PolicyModelInfo]
     """What is loaded, at which version, in which process."""
@@ -61,10 +65,14 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     """Generation for one prompt, tokens streamed as they are produced."""
     UpdateWeights: _aio.StreamUnaryMultiCallable[_policy_pb2.UpdateWeightsRequest, _policy_pb2.UpdateWeightsResponse]  # type: ignore[assignment]
     """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-    tensor bytes, then one WeightsCommit. Nothing changes unless every byte
-    arrived and verified; then the new weights apply atomically, in-flight
-    generation finishes first, caches are reset and the version moves to
-    header.version. Never retried automatically.
+    tensor bytes, then one WeightsCommit, then the end of the stream (a message
+    after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
+    arrived and verified and the stream ended; then the new weights apply
+    atomically, in-flight generation finishes first, caches are reset and the
+    version moves to header.version. A stream that sends nothing for the
+    server's --push-idle-timeout-s (default 60 s) is dropped with
+    DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
+    automatically.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _policy_pb2.PolicyModelInfo]  # type: ignore[assignment]
     """What is loaded, at which version, in which process."""
@@ -95,10 +103,14 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.UpdateWeightsResponse, _abc.Awaitable[_policy_pb2.UpdateWeightsResponse]]:
         """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-        tensor bytes, then one WeightsCommit. Nothing changes unless every byte
-        arrived and verified; then the new weights apply atomically, in-flight
-        generation finishes first, caches are reset and the version moves to
-        header.version. Never retried automatically.
+        tensor bytes, then one WeightsCommit, then the end of the stream (a message
+        after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
+        arrived and verified and the stream ended; then the new weights apply
+        atomically, in-flight generation finishes first, caches are reset and the
+        version moves to header.version. A stream that sends nothing for the
+        server's --push-idle-timeout-s (default 60 s) is dropped with
+        DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
+        automatically.
         """
 
     @_abc_1.abstractmethod

@@ -25,6 +25,10 @@ def add_server_args(p: argparse.ArgumentParser, *, port: int, metrics_port: int)
     g.add_argument("--max-concurrent-rpcs", type=int, default=None, help="RPCs in flight before RESOURCE_EXHAUSTED")
     g.add_argument("--grace-seconds", type=float, default=20.0,
                    help="on SIGTERM, how long in-flight RPCs may take to finish (default 20)")
+    g.add_argument("--drain-linger-s", type=float, default=0.0,
+                   help="on SIGTERM, how long to keep serving new RPCs after health turns NOT_SERVING, before "
+                        "refusing them and draining: the time a load balancer takes to stop sending "
+                        "(default 0; on Kubernetes, with a preStop hook)")
 
 
 def add_client_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +59,7 @@ class ServerConfig:
     max_message_bytes: int = 64 << 20
     max_concurrent_rpcs: int | None = None
     grace_seconds: float = 20.0
+    drain_linger_s: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ServerConfig":
@@ -63,7 +68,7 @@ class ServerConfig:
             auth_token=read_token(args.auth_token_file),
             tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
             max_message_bytes=args.max_message_bytes, max_concurrent_rpcs=args.max_concurrent_rpcs,
-            grace_seconds=args.grace_seconds,
+            grace_seconds=args.grace_seconds, drain_linger_s=args.drain_linger_s,
         )
 
 

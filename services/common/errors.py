@@ -27,6 +27,10 @@ class Unavailable(ServiceError):
     """Loading, draining or a dependency down; safe to retry."""
 
 
+class DeadlineExceeded(ServiceError):
+    """The server's own time limit ran out (e.g. a client stream that went quiet)."""
+
+
 class NotFound(ServiceError):
     """A named thing (checkpoint, tensor) does not exist."""
 

@@ -1,19 +1,27 @@
 """The server runtime every service runs on.
 
-    run(ServerConfig.from_args(args), servicer)
+    sys.exit(run(ServerConfig.from_args(args), servicer))
 
 A servicer is the service's transport object: `service_name` (e.g.
 "rlhf.v1.RewardService"), `add_to_server(server)`, `async start()` (load the model)
-and `async stop()` (release it). The runtime adds everything else: health per service,
-reflection, auth, metrics, TLS, keepalive, size limits and the SIGTERM drain.
+and `async stop()` (release it). Optionally `async fatal()`, which returns (a reason)
+once the servicer can never serve again, say because its engine died: the runtime then
+turns health NOT_SERVING, stops, and the process exits 1 so that its supervisor
+(Kubernetes) restarts it. The runtime adds everything else: health per service,
+reflection, auth, metrics (rlhf_build_info included), TLS, keepalive, size limits and
+the SIGTERM drain.
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import threading
 import logging
+import os
 import pathlib
+import platform
 import signal
+import sys
 from typing import Protocol
 
 import grpc
@@ -30,6 +38,18 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FATAL_GRACE_S = 2.0  # after a fatal failure: long enough for calls in flight to get their error
+EXIT_FATAL = 1
+
+BUILD_INFO = prometheus_client.Gauge("rlhf_build_info", "Always 1; the labels say what runs.",
+                                     ["service", "version", "python_version", "grpc_version"])
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("rlhf-services")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown"
 
 
 class Servicer(Protocol):
@@ -51,8 +71,9 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
-async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, or until `stop` is set when the caller owns the signals."""
+async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, or until `stop` is set when the caller owns the signals.
+    Returns the process's exit code: 0, or EXIT_FATAL after a fatal failure."""
     interceptor = ServerInterceptor(cfg.auth_token)
     server = grpc.aio.server(
         interceptors=[interceptor],
@@ -70,6 +91,8 @@ async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | Non
         server)
     for name in ("", servicer.service_name):
         await health.set(name, NOT_SERVING)
+    short_name = servicer.service_name.rsplit(".", 1)[-1].removesuffix("Service").lower()
+    BUILD_INFO.labels(short_name, _version(), platform.python_version(), grpc.__version__).set(1)
 
     address = f"{cfg.host}:{cfg.port}"
     creds = _server_credentials(cfg)
@@ -92,36 +115,60 @@ async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | Non
     starting = asyncio.ensure_future(servicer.start())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+    exit_code, linger, grace = 0, cfg.drain_linger_s, cfg.grace_seconds
     if starting.done():
         starting.result()  # a failed load ends the process with its traceback
         interceptor.ready = True
         for name in ("", servicer.service_name):
             await health.set(name, SERVING)
         log.info("%s serving", servicer.service_name)
-        await stopping
+        fatal = getattr(servicer, "fatal", None)
+        failed = asyncio.ensure_future(fatal() if fatal else asyncio.Event().wait())
+        await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        if failed.done():
+            reason = failed.exception() or failed.result()
+            log.error("%s cannot serve any more: %s; stopping", servicer.service_name, reason)
+            exit_code, linger, grace = EXIT_FATAL, 0.0, min(grace, FATAL_GRACE_S)
+        else:
+            failed.cancel()
     else:
         starting.cancel()
 
-    # Drain: probes see NOT_SERVING first, new RPCs are refused, in-flight ones get the grace period.
-    log.info("draining %s (grace %.0f s)", servicer.service_name, cfg.grace_seconds)
+    # Drain: probes see NOT_SERVING first. With a linger, new RPCs are still served
+    # normally meanwhile, while load balancers take this replica out of rotation (their
+    # late requests would otherwise race the final stop, which cancels what gRPC has not
+    # dispatched yet: grpc/grpc#41785). Then new RPCs are refused and those in flight get
+    # the grace period.
+    log.info("draining %s (linger %.1f s, grace %.0f s)", servicer.service_name, linger, grace)
     await health.enter_graceful_shutdown()
+    if linger > 0:
+        await asyncio.sleep(linger)
     # Refuse new RPCs ourselves (UNAVAILABLE, retried by clients) while grpc keeps dispatching
     # what it already received, and let the RPCs in flight finish; server.stop() would cancel
     # calls received but not yet dispatched.
     interceptor.draining = True
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + cfg.grace_seconds
+    deadline = loop.time() + grace
     await asyncio.sleep(0.1)
     while interceptor.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.02)
     await server.stop(max(0.0, deadline - loop.time()))
     await servicer.stop()
     log.info("%s stopped", servicer.service_name)
+    return exit_code
 
 
 def run(cfg: ServerConfig, servicer: Servicer) -> int:
-    asyncio.run(serve(cfg, servicer))
-    return 0
+    code = asyncio.run(serve(cfg, servicer))
+    if code == EXIT_FATAL:
+        # Once vLLM's engine core had died, the interpreter's own teardown (garbage
+        # collection of module state) took ~9 s more here. Nothing is left to clean up and
+        # the supervisor is waiting to restart us: leave now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class BackgroundServer:
@@ -153,4 +200,4 @@ class BackgroundServer:
     def stop(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
-            self._thread.join(self.cfg.grace_seconds + 10)
+            self._thread.join(self.cfg.drain_linger_s + self.cfg.grace_seconds + 10)

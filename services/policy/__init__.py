@@ -1,5 +1,7 @@
 """PolicyService: generation on vLLM with versioned weight pushes.
 
-engine (vLLM, no gRPC) | weights (staging and checks) | server (proto <-> engine) | client.
+engine (vLLM lifecycle, no gRPC) | worker (runs inside vLLM's worker process) | limits (pure
+request checks) | weights (push session: staging, checks, commit) | wire (chunk codec,
+dtype/digest tables) | results | metrics | options (vLLM's flags) | server (transport only) | client.
 Importing this package imports neither vLLM nor torch.
 """

@@ -2,70 +2,46 @@
 
     client = PolicyClient("127.0.0.1:50051")
     results = client.generate(["Hello"], max_tokens=32, temperature=0.0, logprobs=True)
+    results = client.generate([[{"role": "user", "content": "Hello"}]])  # chat-templated by the server
     client.push_weights(model.state_dict(), version=1)
 
 push_weights streams tensors without a second copy of the model on the sending side:
 each tensor is converted to the served dtype on its own, its bytes are sliced into
 chunks with memoryview and hashed as they go (the checksum travels last, XXH3-128 unless
-digest="sha256" is asked for). Tensors are
-handled by duck typing, so this module never imports torch; a caller holding torch
-tensors has torch in sys.modules already.
+digest="sha256" is asked for). A sender that must not hold the whole model (a sharded
+trainer) passes TensorRefs: each is gathered when its bytes are due and dropped once sent.
+Tensors are handled by duck typing, so this module never imports torch; a caller holding
+torch tensors has torch in sys.modules already.
 """
 from __future__ import annotations
 
 import dataclasses
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.channel import create_channel
 from services.common.config import ClientConfig
-from services.policy.weights import DIGESTS, ELEMENT_SIZE
-from services.policy.wire import encode_chunk
+from services.policy.results import Completion, PromptResult
+from services.policy.wire import DIGEST_ENUM, DIGESTS, DTYPE_ENUM, ELEMENT_SIZE, FINISH_NAME, encode_chunk
 
 SERVICE = "rlhf.v1.PolicyService"
 # UpdateWeights with the requests passed through as serialized by weight_messages.
 UPDATE_WEIGHTS = dict(method=f"/{SERVICE}/UpdateWeights", request_serializer=None,
                       response_deserializer=policy_pb2.UpdateWeightsResponse.FromString)
 RETRY_METHODS = ((SERVICE, "Generate"), (SERVICE, "GetModelInfo"))
-DTYPE_NAME = {
-    policy_pb2.DTYPE_FLOAT32: "float32",
-    policy_pb2.DTYPE_FLOAT16: "float16",
-    policy_pb2.DTYPE_BFLOAT16: "bfloat16",
-    policy_pb2.DTYPE_FLOAT64: "float64",
-}
-DTYPE_ENUM = {v: k for k, v in DTYPE_NAME.items()}
-DIGEST_NAME = {
-    policy_pb2.DIGEST_UNSPECIFIED: "xxh3_128",
-    policy_pb2.DIGEST_XXH3_128: "xxh3_128",
-    policy_pb2.DIGEST_SHA256: "sha256",
-}
-DIGEST_ENUM = {"xxh3_128": policy_pb2.DIGEST_XXH3_128, "sha256": policy_pb2.DIGEST_SHA256}
-FINISH_NAME = {
-    policy_pb2.FINISH_REASON_UNSPECIFIED: "",
-    policy_pb2.FINISH_REASON_LENGTH: "length",
-    policy_pb2.FINISH_REASON_STOP: "stop",
-    policy_pb2.FINISH_REASON_EOS: "eos",
-    policy_pb2.FINISH_REASON_ABORT: "abort",
-}
 SAMPLING_FIELDS = {f.name for f in policy_pb2.SamplingParams.DESCRIPTOR.fields}
 
 
-@dataclasses.dataclass
-class Completion:
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str  # "length" | "stop" | "eos" | "abort"
-    weight_version: int
-    stop_string: str = ""
-
-
-@dataclasses.dataclass
-class PromptResult:
-    prompt_token_ids: list[int]
-    completions: list[Completion]
+@dataclasses.dataclass(frozen=True)
+class TensorRef:
+    """A tensor known by name and shape before it exists. push_weights builds the header
+    from these, then calls each get() exactly once, in order, when its bytes are due, and
+    drops the result once they are sent."""
+    name: str
+    shape: tuple[int, ...]
+    get: Callable[[], Any]
 
 
 def to_results(response: policy_pb2.GenerateResponse) -> list[PromptResult]:
@@ -75,8 +51,12 @@ def to_results(response: policy_pb2.GenerateResponse) -> list[PromptResult]:
 
 
 def _prompt(p) -> common_pb2.TextOrTokens:
+    """A prompt: text, token ids, or a conversation ({"role", "content"} dicts)."""
     if isinstance(p, str):
         return common_pb2.TextOrTokens(text=p)
+    if p and isinstance(p[0], Mapping):
+        return common_pb2.TextOrTokens(messages=common_pb2.ChatMessages(messages=[
+            common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in p]))
     return common_pb2.TextOrTokens(token_ids=common_pb2.TokenIds(ids=list(p)))
 
 
@@ -88,23 +68,14 @@ def sampling_params(**sampling) -> policy_pb2.SamplingParams:
 
 
 def generate_request(prompts, require_weight_version: int = 0, request_id: str = "", **sampling):
-    """prompts: strings or token id lists (a single string or id list is one prompt)."""
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    """prompts: texts, token id lists or conversations (a single one is one prompt)."""
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, Mapping))):
         prompts = [prompts]
     return policy_pb2.GenerateRequest(prompts=[_prompt(p) for p in prompts], params=sampling_params(**sampling),
                                       require_weight_version=require_weight_version, request_id=request_id)
 
 
 # ---- weight push ------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class TensorRef:
-    """A tensor to push that does not exist yet: the header is built from name and shape, and
-    get() is called once, in order, when its bytes are due (a sharded trainer gathers it then)."""
-    name: str
-    shape: tuple[int, ...]
-    get: Callable[[], object]
-
 
 def tensor_bytes(t, dtype: str) -> memoryview:
     """A C-ordered byte view of tensor `t` in `dtype`, copying only when it must (device,
@@ -124,27 +95,28 @@ def _same_storage(t) -> int | None:
     return ptr() if callable(ptr) else None
 
 
-def plan_push(named_tensors, info: policy_pb2.PolicyModelInfo) -> list[tuple[str, object, tuple[int, ...]]]:
-    """(name, tensor, shape) in sending order. A tied alias the server does not list (an
-    lm_head sharing the embedding's storage, as in a Hugging Face state_dict) is sent once,
-    under the name the server knows."""
+def plan_push(named_tensors, info: policy_pb2.PolicyModelInfo) -> list[tuple[str, Callable[[], Any], tuple[int, ...]]]:
+    """(name, get, shape) in sending order, from a state_dict, (name, tensor) pairs or
+    TensorRefs. A tied alias the server does not list (an lm_head sharing the embedding's
+    storage, as in a Hugging Face state_dict) is sent once, under the name the server knows;
+    TensorRefs are sent as given."""
     items = list(named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors)
-    if items and isinstance(items[0], TensorRef):
-        return [(r.name, r, tuple(r.shape)) for r in items]
+    refs = [i for i in items if isinstance(i, TensorRef)]
+    if refs:
+        if len(refs) != len(items):
+            raise TypeError("push_weights takes TensorRefs or (name, tensor) pairs, not a mix of them")
+        return [(r.name, r.get, tuple(int(d) for d in r.shape)) for r in refs]
     accepted = {t.name for t in info.tensors}
     listed_ptrs = {_same_storage(t) for name, t in items if name in accepted} - {None}
-    plan = []
-    for name, t in items:
-        if name not in accepted and _same_storage(t) in listed_ptrs:
-            continue
-        plan.append((name, t, tuple(int(d) for d in t.shape)))
-    return plan
+    return [(name, lambda t=t: t, tuple(int(d) for d in t.shape)) for name, t in items
+            if name in accepted or _same_storage(t) not in listed_ptrs]
 
 
 def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int,
                     digest: str = "xxh3_128") -> Iterator[bytes]:
     """The serialized UpdateWeightsRequest messages of a push: header, chunks, commit.
-    One converted tensor alive at a time; small tensors are packed together so a layer
+    One converted tensor alive at a time: each get() is called when its bytes are due and
+    its result dropped once they are sent. Small tensors are packed together so a layer
     norm does not cost a message of its own. Chunks are encoded by services.policy.wire
     (one copy of the payload); `UpdateWeightsRequest.FromString` reads any of them."""
     size = ELEMENT_SIZE[dtype]
@@ -167,8 +139,11 @@ def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int
         offset += len(data)
         return msg
 
-    for _, t, _ in plan:
-        view = tensor_bytes(t.get() if isinstance(t, TensorRef) else t, dtype)
+    for (name, get, shape), spec in zip(plan, specs):
+        view = tensor_bytes(get(), dtype)
+        if len(view) != spec.nbytes:
+            raise ValueError(f"tensor {name!r} has {len(view)} bytes in {dtype}; its shape {list(shape)} "
+                             f"announced {spec.nbytes}")
         start = 0
         if pending:  # top up the pending chunk first
             take = min(chunk_bytes - len(pending), len(view))
@@ -181,7 +156,7 @@ def weight_messages(plan, version: int, full: bool, dtype: str, chunk_bytes: int
             yield chunk(view[start:start + chunk_bytes])
             start += chunk_bytes
         pending += view[start:]
-        del view
+        del view  # the tensor too, unless the caller still holds it
     if pending:
         yield chunk(pending)
     yield policy_pb2.UpdateWeightsRequest(commit=policy_pb2.WeightsCommit(digest=checksum.digest())).SerializeToString()
@@ -216,7 +191,7 @@ class PolicyClient:
 
     def generate(self, prompts, *, require_weight_version: int = 0, request_id: str = "", raw: bool = False,
                  **sampling) -> list[PromptResult] | policy_pb2.GenerateResponse:
-        """prompts: strings or token id lists; sampling: the fields of SamplingParams."""
+        """prompts: texts, token id lists or conversations; sampling: the fields of SamplingParams."""
         reply = self.stub.Generate(generate_request(prompts, require_weight_version, request_id, **sampling),
                                    timeout=self.timeout)
         return reply if raw else to_results(reply)
@@ -230,7 +205,7 @@ class PolicyClient:
     def push_weights(self, named_tensors: Mapping | Iterable, version: int, *, full: bool = True,
                      chunk_bytes: int = CHUNK_BYTES, digest: str = "xxh3_128",
                      timeout: float | None = None) -> policy_pb2.UpdateWeightsResponse:
-        """Stream a state_dict (or (name, tensor) pairs) as weight version `version`."""
+        """Stream a state_dict, (name, tensor) pairs or TensorRefs as weight version `version`."""
         info = self.model_info()
         plan = plan_push(named_tensors, info)
         return self._update_weights(weight_messages(plan, version, full, info.dtype, chunk_bytes, digest),

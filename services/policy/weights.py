@@ -1,4 +1,5 @@
-"""Receiving a weight push: check it against the served model, stage its bytes, verify.
+"""Receiving a weight push: the protocol (header, chunks, commit) as one session object,
+checked against the served model, its bytes staged on disk and verified.
 
 No torch, no gRPC. The bytes go straight to a staging file as they arrive, so the server
 holds at most one extra copy of the model (in the page cache of a disk file, not on the
@@ -8,7 +9,8 @@ served weights: a push that fails any check is discarded and the model never see
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -17,17 +19,15 @@ import struct
 import tempfile
 import threading
 
-import xxhash
-
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.policy.wire import DIGESTS, ELEMENT_SIZE
 
-# Wire dtypes: little-endian, C order. Names as torch spells them.
-ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # safetensors header dtype -> our name
 SAFETENSORS_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-# Push checksums (the proto's Digest), by name. xxh3 is the default: SHA-256 on both ends
-# took a third of a push's time on loopback, and the checksum only guards against corruption.
-DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+MAX_VERSION = 2**63 - 1  # the largest version every client (int64 in most languages) can hold
+FILE_PREFIX = "rlhf-push-"  # + owner + "-" + random + ".bin"
+LOCK_PREFIX = "rlhf-staging-"  # + owner + ".lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def checkpoint_tensors(model_dir: str | os.PathLike, dtype: str) -> tuple[dict[s
     safetensors headers, `dtype` = the served dtype) and where each is read from now.
 
     A tied lm_head is not a parameter of its own: the checkpoint stores only the input
-    embedding and pushing that updates both (see engine.WeightLoader)."""
+    embedding and pushing that updates both (see worker.WeightLoader)."""
     model_dir = pathlib.Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -92,6 +92,8 @@ class StagedWeights:
 def check_header(version: int, tensors: list[TensorSpec], full: bool, *, served: dict[str, TensorSpec],
                  current_version: int, max_bytes: int) -> int:
     """Everything that can be checked before a byte arrives; returns the total byte count."""
+    if version > MAX_VERSION:
+        raise InvalidArgument(f"header.version must be at most 2^63 - 1 = {MAX_VERSION}, got {version}")
     if version <= current_version:
         raise FailedPrecondition(f"header.version must be greater than the served version {current_version}, got {version}")
     if not tensors:
@@ -130,41 +132,135 @@ def check_header(version: int, tensors: list[TensorSpec], full: bool, *, served:
     return total
 
 
-def _open_existing(path: str) -> int | None:
-    try:
-        return os.open(path, os.O_WRONLY)
-    except FileNotFoundError:
-        return None
+class StagingDir:
+    """Where one server stages its pushes; other servers may share the directory (the
+    temp dir by default).
 
+    A server's files carry its owner id, and it holds an flock on its lock file for as long
+    as it lives. At start it removes the files of owners whose lock it can take: servers
+    that died without cleaning up (SIGKILL, OOM), whose files are each model-sized. It
+    keeps at most one spare file: overwriting pages the kernel already holds costs less
+    than half of allocating new ones (0.02 s against 0.05 s per 345 MB)."""
 
-class WeightStage:
-    """One push being received. Chunks are written to a file and hashed as they come."""
+    def __init__(self, directory: str | os.PathLike | None, owner: str):
+        self.directory = pathlib.Path(directory or tempfile.gettempdir())
+        self.owner = owner  # no "-" in it: file names are split on the first one
+        self.spare: str | None = None
+        self._lock_fd: int | None = None
 
-    def __init__(self, version: int, tensors: list[TensorSpec], full: bool, *, served: dict[str, TensorSpec],
-                 current_version: int, max_bytes: int, directory: str | None = None, digest: str = "xxh3_128",
-                 reuse: str | None = None):
-        if digest not in DIGESTS:
-            raise InvalidArgument(f"header.digest must be one of {sorted(DIGESTS)}, got {digest!r}")
-        self.total = check_header(version, tensors, full, served=served, current_version=current_version,
-                                  max_bytes=max_bytes)
-        self.version, self.tensors, self.full = version, list(tensors), full
-        self.received = 0
-        self.digest_name = digest
-        self._hash = DIGESTS[digest]()
-        # `reuse`: an earlier push's file no longer in use. Overwriting pages the kernel
-        # already holds costs less than half of allocating new ones (0.02 s against 0.05 s
-        # per 345 MB), and the push stream is CPU-bound.
-        fd = _open_existing(reuse) if reuse else None
-        if fd is None:
-            fd, self.path = tempfile.mkstemp(prefix="rlhf-push-", suffix=".bin", dir=directory)
+    def open(self) -> list[str]:
+        """Take this server's lock; returns the dead servers' files it removed."""
+        removed = self._remove_dead()
+        fd, tmp = tempfile.mkstemp(prefix=f".{LOCK_PREFIX}", dir=self.directory)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Locked before it gets its name: a server starting meanwhile never sees it unlocked.
+        os.rename(tmp, self._lock_path(self.owner))
+        self._lock_fd = fd
+        return removed
+
+    def _lock_path(self, owner: str) -> pathlib.Path:
+        return self.directory / f"{LOCK_PREFIX}{owner}.lock"
+
+    def _files(self, owner: str) -> list[pathlib.Path]:
+        return list(self.directory.glob(f"{FILE_PREFIX}{owner}-*.bin"))
+
+    def _remove_dead(self) -> list[str]:
+        owners = {p.name[len(FILE_PREFIX):].split("-", 1)[0] for p in self._files("*")}
+        owners |= {p.name[len(LOCK_PREFIX):-len(".lock")] for p in self.directory.glob(f"{LOCK_PREFIX}*.lock")}
+        removed = []
+        for owner in sorted(owners - {self.owner}):
+            try:
+                fd = os.open(self._lock_path(owner), os.O_RDWR)
+            except FileNotFoundError:
+                fd = None  # files without a lock: their server is gone
+            except OSError:
+                continue  # not ours to judge (another user's)
+            try:
+                if fd is not None:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # alive
+                for path in self._files(owner):
+                    path.unlink(missing_ok=True)
+                    removed.append(str(path))
+                if fd is not None:
+                    self._lock_path(owner).unlink(missing_ok=True)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return removed
+
+    def create(self) -> tuple[int, str]:
+        """(writable fd, path) of a file for the next push: the spare, or a new one."""
+        spare, self.spare = self.spare, None
+        if spare is not None:
+            try:
+                return os.open(spare, os.O_WRONLY), spare
+            except FileNotFoundError:
+                pass
+        return tempfile.mkstemp(prefix=f"{FILE_PREFIX}{self.owner}-", suffix=".bin", dir=self.directory)
+
+    def recycle(self, path: str) -> None:
+        """A file no longer needed: the spare, or deleted when there is one already."""
+        if self.spare is None:
+            self.spare = path
         else:
-            self.path = reuse
-        self._file = os.fdopen(fd, "wb", buffering=0)
-        # Writes run in a worker thread. close() takes this lock so that a write still in
-        # flight when a push is abandoned finishes before the file can be handed to the next.
+            pathlib.Path(path).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Remove every file of this server, then its lock."""
+        for path in self._files(self.owner):
+            path.unlink(missing_ok=True)
+        self.spare = None
+        if self._lock_fd is not None:
+            self._lock_path(self.owner).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+class PushSession:
+    """One UpdateWeights stream, message by message: a header, chunks in order, a commit,
+    then the end of the stream.
+
+    The header is checked against the served model before a byte is staged; chunks are
+    written and hashed as they come; the commit must match; nothing may follow it. Only a
+    session that saw all of that gives StagedWeights (end()). Every other ends in close(),
+    which hands its file back to the staging directory. chunk() and commit() may run in
+    a worker thread; close() waits for a write still in flight."""
+
+    def __init__(self, staging: StagingDir, *, served: dict[str, TensorSpec], current_version: int,
+                 max_bytes: int):
+        self.staging, self.served = staging, served
+        self.current_version, self.max_bytes = current_version, max_bytes
+        self.total = self.received = 0
+        self.path: str | None = None
+        self._file = None
+        self._hash = None
+        self._staged: StagedWeights | None = None
+        self._owns_file = False  # from create() until end() hands it over or a full disk deletes it
         self._lock = threading.Lock()
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    # ---- messages --------------------------------------------------------------------
+
+    def header(self, version: int, tensors: list[TensorSpec], full: bool, digest: str) -> None:
+        if self.path is not None:
+            raise InvalidArgument("UpdateWeights got a second header; a push has one, first")
+        if digest not in DIGESTS:
+            raise InvalidArgument(f"header.digest must be one of {sorted(DIGESTS)}, got {digest!r}")
+        self.total = check_header(version, tensors, full, served=self.served, current_version=self.current_version,
+                                  max_bytes=self.max_bytes)
+        self.version, self.tensors, self.full, self.digest = version, list(tensors), full, digest
+        self._hash = DIGESTS[digest]()
+        try:
+            fd, self.path = self.staging.create()
+        except OSError as e:
+            raise self._disk_error(e) from e
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        self._owns_file = True
+
+    def chunk(self, offset: int, data: bytes | memoryview) -> None:
+        self._expect("chunk")
         if offset != self.received:
             raise InvalidArgument(f"chunk.offset must equal the bytes received so far ({self.received}), got {offset}")
         if self.received + len(data) > self.total:
@@ -173,34 +269,76 @@ class WeightStage:
         with self._lock:
             if self._file.closed:
                 raise InvalidArgument("this push was abandoned")
-            self._file.write(data)
+            try:
+                self._file.write(data)
+            except OSError as e:
+                raise self._disk_error(e) from e
         self._hash.update(data)
         self.received += len(data)
 
-    def commit(self, digest: bytes) -> StagedWeights:
+    def commit(self, digest: bytes) -> None:
+        self._expect("commit")
         if self.received != self.total:
             raise InvalidArgument(f"commit after {self.received} of the {self.total} bytes the header announced")
         want = self._hash.digest()
         if len(digest) != len(want):
-            raise InvalidArgument(f"commit.digest must be {len(want)} bytes for {self.digest_name}, got {len(digest)}")
+            raise InvalidArgument(f"commit.digest must be {len(want)} bytes for {self.digest}, got {len(digest)}")
         if digest != want:
-            raise InvalidArgument(f"commit.digest {digest.hex()[:16]}... does not match the {self.digest_name} of "
+            raise InvalidArgument(f"commit.digest {digest.hex()[:16]}... does not match the {self.digest} of "
                                   f"the received bytes ({want.hex()[:16]}...)")
         with self._lock:
-            self._file.truncate(self.total)  # a reused file may have been longer
+            try:
+                self._file.truncate(self.total)  # a reused file may have been longer
+            except OSError as e:
+                raise self._disk_error(e) from e
             self._file.close()
         sources, offset = [], 0
         for t in self.tensors:
             sources.append(TensorSource(t.name, "raw", self.path, offset, t.dtype, tuple(t.shape)))
             offset += t.nbytes
-        return StagedWeights(self.version, self.full, self.path, sources, self.total)
+        self._staged = StagedWeights(self.version, self.full, self.path, sources, self.total)
+
+    def empty_message(self) -> None:
+        """A message that sets none of header, chunk and commit."""
+        self._expect("message")
+        raise InvalidArgument("UpdateWeights got an empty message (no header, chunk or commit)")
+
+    def _expect(self, what: str) -> None:
+        if self.path is None:
+            raise InvalidArgument(f"the first UpdateWeights message must be a header, got a {what}")
+        if self._staged is not None:
+            raise InvalidArgument(f"UpdateWeights got a {what} after the commit; the commit ends a push, "
+                                  f"nothing was applied")
+
+    def end(self) -> StagedWeights:
+        """The stream ended: the verified push, which the caller now owns."""
+        if self._staged is None:
+            what = "no header" if self.path is None else f"{self.received} of {self.total} bytes and no commit"
+            raise InvalidArgument(f"UpdateWeights stream ended after {what}; nothing was applied")
+        self._owns_file = False
+        return self._staged
 
     def close(self) -> None:
-        """Stop writing (a push that failed); the file stays for the caller to reuse or delete."""
+        """Give up the push unless end() handed it over: its file goes back to the staging
+        directory (the spare the next push overwrites)."""
+        if not self._owns_file:
+            return
         with self._lock:
             if not self._file.closed:
                 self._file.close()
+        self.staging.recycle(self.path)
 
-    def discard(self) -> None:
-        self.close()
-        pathlib.Path(self.path).unlink(missing_ok=True)
+    def _disk_error(self, e: OSError) -> Exception:
+        """The error to raise for a failed create, write or truncate (called with the file
+        lock held, or before there is a file)."""
+        if e.errno not in DISK_FULL:
+            return e
+        # The partial file takes room that other writers of the directory need: delete it.
+        if self._file is not None:
+            self._file.close()
+        if self._owns_file:
+            pathlib.Path(self.path).unlink(missing_ok=True)
+            self._owns_file = False
+        return ResourceExhausted(f"the staging directory {self.staging.directory} is full ({os.strerror(e.errno)}) "
+                                 f"after {self.received} of {self.total} bytes; nothing was applied (free room "
+                                 f"there or point --staging-dir at a larger one)")

@@ -1,4 +1,5 @@
-"""UpdateWeights chunks on the wire, without protobuf's copies of the payload.
+"""The push's wire format: the tables both ends share, and UpdateWeights chunks encoded
+and decoded without protobuf's copies of the payload.
 
 A push is hundreds of megabytes of `WeightsChunk.data`. Through the generated protobuf
 classes every chunk is copied three times on each side (into the message, out of it as
@@ -9,13 +10,32 @@ and the receiver gets a memoryview into the bytes gRPC handed over (no copy).
 
 Only that one exact shape takes the short way. Anything else (headers, commits, unknown
 fields, odd encodings, garbage) goes through protobuf, so the wire format is the proto's
-and both paths give the same answer; tests/unit/test_policy_wire.py checks that.
+and both paths give the same answer; tests/unit/test_policy_wire.py checks that, and that
+the enum numbers below are policy.proto's.
+
+No protobuf import at module level: the receiving side's staging code (weights.py, no
+contracts there) takes its element sizes and digests from here.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
-from rlhf.v1 import policy_pb2
+import xxhash
+
+# Tensor bytes on the wire: little-endian, C order. Names as torch spells them.
+ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# Push checksums by name. xxh3 is the default: SHA-256 on both ends took a third of a
+# push's time on loopback, and the checksum only guards against corruption.
+DIGESTS = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+# policy.proto's enums, by number (written out like the tags below).
+DTYPE_NAME = {1: "float32", 2: "float16", 3: "bfloat16", 4: "float64"}  # DType
+DTYPE_ENUM = {v: k for k, v in DTYPE_NAME.items()}
+DIGEST_NAME = {0: "xxh3_128", 1: "xxh3_128", 2: "sha256"}  # Digest; UNSPECIFIED = the default
+DIGEST_ENUM = {"xxh3_128": 1, "sha256": 2}
+FINISH_NAME = {0: "", 1: "length", 2: "stop", 3: "eos", 4: "abort"}  # FinishReason
+FINISH_ENUM = {v: k for k, v in FINISH_NAME.items() if v}
 
 # Tags: (field number << 3) | wire type. Wire type 0 = varint, 2 = length-delimited.
 CHUNK_FIELD = 2 << 3 | 2  # UpdateWeightsRequest.chunk
@@ -84,12 +104,15 @@ def _fast_chunk(buf: bytes) -> Chunk | None:
     return Chunk(offset, data)
 
 
-def decode_request(buf: bytes) -> Chunk | policy_pb2.UpdateWeightsRequest:
-    """gRPC request deserializer: a Chunk for chunk messages, the protobuf message otherwise.
-    Raises protobuf's DecodeError for bytes that are no UpdateWeightsRequest."""
+def decode_request(buf: bytes):
+    """gRPC request deserializer: a Chunk for chunk messages, the protobuf
+    UpdateWeightsRequest otherwise. Raises protobuf's DecodeError for bytes that are no
+    UpdateWeightsRequest."""
     chunk = _fast_chunk(buf)
     if chunk is not None:
         return chunk
+    from rlhf.v1 import policy_pb2  # the slow path only (see the module docstring)
+
     msg = policy_pb2.UpdateWeightsRequest.FromString(buf)
     if msg.WhichOneof("kind") == "chunk":
         return Chunk(msg.chunk.offset, memoryview(msg.chunk.data))

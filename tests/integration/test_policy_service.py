@@ -2,15 +2,22 @@
 
 Four servers, shared by every test of the module (each vLLM start costs ~30 s):
   llama_base  llama, tied embeddings, bf16, auth on   <- pushes land here
-  llama_w     llama, tied, started fresh from W_llama (the reference for a push of W_llama)
+  llama_w     llama, tied, started fresh from W_llama (the reference for a push of W_llama);
+              --push-idle-timeout-s 2
   qwen_base   qwen2, untied, float32                  <- pushes land here
-  qwen_w      qwen2, untied, float32, fresh from W_qwen
+  qwen_w      qwen2, untied, float32, fresh from W_qwen; vLLM flags --max-num-batched-tokens
+              1024 --no-enable-prefix-caching, and --max-text-bytes 8 MiB
+The W directories hold the tokenizer but no chat template (only tokenizer files are
+copied), the base ones have the tiny model's template. All four stage pushes in one
+directory, as servers sharing a node's temp dir do.
 The only proof that a push worked is that greedy outputs and per-token logprobs equal
 those of a fresh server started from the same weights, so that is what the tests compare.
 Tests run in file order and move the served versions forward.
 """
 from __future__ import annotations
 
+import os
+import pathlib
 import re
 import threading
 import time
@@ -22,7 +29,9 @@ import grpc
 import pytest
 import xxhash
 
-from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.v1 import common_pb2, policy_pb2
 from services.common.config import ClientConfig
 from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.policy.client import PolicyClient, plan_push, weight_messages
@@ -73,14 +82,25 @@ def models(tmp_path_factory):
     return out
 
 
+MAX_TEXT_BYTES_QWEN_W = 8 << 20
+
+
 @pytest.fixture(scope="module")
-def servers(models, tmp_path_factory):
+def staging(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("policy_staging")
+
+
+@pytest.fixture(scope="module")
+def servers(models, staging, tmp_path_factory):
     logs = tmp_path_factory.mktemp("policy_logs")
     specs = {
         "llama_base": (models["llama"]["base"], ["--dtype", "bfloat16"], {"RLHF_AUTH_TOKEN": TOKEN}),
-        "llama_w": (models["llama"]["w"], ["--dtype", "bfloat16"], {"RLHF_AUTH_TOKEN": TOKEN}),
+        "llama_w": (models["llama"]["w"], ["--dtype", "bfloat16", "--push-idle-timeout-s", "2"],
+                    {"RLHF_AUTH_TOKEN": TOKEN}),
         "qwen_base": (models["qwen2"]["base"], ["--dtype", "float32"], {"RLHF_AUTH_TOKEN": ""}),
-        "qwen_w": (models["qwen2"]["w"], ["--dtype", "float32"], {"RLHF_AUTH_TOKEN": ""}),
+        "qwen_w": (models["qwen2"]["w"], ["--dtype", "float32", "--max-num-batched-tokens", "1024",
+                                          "--no-enable-prefix-caching", "--max-text-bytes", str(MAX_TEXT_BYTES_QWEN_W)],
+                   {"RLHF_AUTH_TOKEN": ""}),
     }
     running = {}
     try:
@@ -89,7 +109,7 @@ def servers(models, tmp_path_factory):
             argv = rlhf_command("serve", "policy", "--model", str(model_dir), "--host", "127.0.0.1",
                                 "--port", str(port), "--metrics-port", str(metrics_port),
                                 "--max-model-len", "128", "--kv-cache-gib", "1", "--gpu-memory-utilization", "0.1",
-                                "--max-n", "8", "--max-prompts", "32", *extra)
+                                "--max-n", "8", "--max-prompts", "32", "--staging-dir", str(staging), *extra)
             config = ClientConfig(auth_token=env["RLHF_AUTH_TOKEN"] or None)
             s = ChildServer(argv, port=port, service=SERVICE, env={**env, "VLLM_CPU_KVCACHE_SPACE": "1"},
                             log_path=logs / f"{name}.log", client_config=config)
@@ -99,8 +119,10 @@ def servers(models, tmp_path_factory):
             s.wait_ready()
         yield running
     finally:
-        for s in running.values():
-            s.terminate()
+        codes = {name: s.terminate() for name, s in running.items()}
+    # Stopped cleanly, every server took its staging files and its lock with it.
+    assert codes == {name: 0 for name in running}, codes
+    assert not list(staging.iterdir()), sorted(p.name for p in staging.iterdir())
 
 
 def client(servers, name, config=None) -> PolicyClient:
@@ -160,6 +182,23 @@ def test_model_info(servers, models):
     assert qinfo.architecture == "Qwen2ForCausalLM" and "lm_head.weight" in {t.name for t in qinfo.tensors}
     assert {t.name for t in qinfo.tensors} == {k for k in models["qwen2"]["base_state"]}
     assert qinfo.instance_id != info.instance_id
+    assert info.max_text_bytes == 65536  # the default, like the reward service's
+
+
+def test_vllm_flags_take_effect(servers):
+    """`serve policy` passes vLLM's own flags through; GetModelInfo reads the running engine's
+    settings back (qwen_w: --max-num-batched-tokens 1024 --no-enable-prefix-caching)."""
+    with client(servers, "qwen_w") as c:
+        info = c.model_info()
+    with client(servers, "qwen_base") as c:
+        default = c.model_info()
+    cfg, base = dict(info.engine_config), dict(default.engine_config)
+    assert cfg["max_num_batched_tokens"] == "1024" and cfg["enable_prefix_caching"] == "False"
+    assert base["max_num_batched_tokens"] != "1024" and base["enable_prefix_caching"] == "True"
+    for key in ("max_num_seqs", "tensor_parallel_size", "dtype", "quantization", "kv_cache_dtype", "max_model_len"):
+        assert key in cfg, key
+    assert cfg["dtype"] == info.dtype == "float32" and cfg["max_model_len"] == "128" and cfg["max_num_seqs"] == "256"
+    assert info.max_text_bytes == MAX_TEXT_BYTES_QWEN_W
 
 
 def test_generate_fields_and_stream(servers, fresh):
@@ -193,6 +232,115 @@ def test_generate_fields_and_stream(servers, fresh):
             stop = text[2:4]
             r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])[0].completions[0]
             assert r.finish_reason == "stop" and r.stop_string == stop and stop not in r.text
+
+
+def test_seeds_are_honoured_or_refused(servers):
+    """Every seed the contract accepts gives the same completion again; a negative one is
+    refused (vLLM would take -1 as unseeded, silently)."""
+    with client(servers, "qwen_base") as c:
+        seeded = {}
+        for seed in (0, 2**63 - 1):
+            runs = [c.generate(PROMPTS[:2], temperature=1.0, seed=seed, max_tokens=8, logprobs=True, raw=True).results
+                    for _ in range(2)]
+            assert runs[0] == runs[1], seed
+            seeded[seed] = runs[0]
+        assert seeded[0] != seeded[2**63 - 1]  # the seed is what picks the samples
+        for seed in (-1, -2**63):
+            code, details = status_of(lambda: c.generate("hi", temperature=1.0, seed=seed, max_tokens=2))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "params.seed" in details, details
+            assert "[0, 2^63 - 1]" in details
+
+
+# ---- chat messages and text limits ------------------------------------------------
+
+CHAT = [{"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "How do I prepare for my calculus exam?"},
+        {"role": "assistant", "content": "Start early."},
+        {"role": "user", "content": "And then?"}]
+
+
+def test_chat_messages_are_rendered_by_the_chat_template(servers, models):
+    """A conversation is templated as vLLM's chat API does (generation prompt appended);
+    text stays a raw completion prompt."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["llama"]["base"])
+    want = list(tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True)["input_ids"])
+    with client(servers, "llama_base") as c:
+        [chat] = c.generate([CHAT], **GREEDY)
+        assert chat.prompt_token_ids == want
+        [as_ids] = c.generate([want], **GREEDY)  # the same tokens given as ids: the same completion
+        assert [x.token_ids for x in chat.completions] == [x.token_ids for x in as_ids.completions]
+        msgs = list(c.generate_stream(CHAT, **GREEDY))
+        assert list(msgs[0].prompt_token_ids) == want
+        assert [t for m in msgs for t in m.token_ids] == chat.completions[0].token_ids
+        [text] = c.generate(["How do I prepare for my calculus exam?"], max_tokens=1)
+        assert text.prompt_token_ids == tok("How do I prepare for my calculus exam?")["input_ids"]
+
+
+def test_chat_and_text_refusals(servers):
+    def refused(c, prompt):
+        request = policy_pb2.GenerateRequest(prompts=[prompt], params=policy_pb2.SamplingParams(max_tokens=2))
+        return status_of(lambda: c.stub.Generate(request, timeout=30))
+
+    def messages(*pairs):
+        return common_pb2.TextOrTokens(messages=common_pb2.ChatMessages(messages=[
+            common_pb2.ChatMessage(role=r, content=t) for r, t in pairs]))
+
+    with client(servers, "llama_base") as c:
+        cases = [
+            (common_pb2.TextOrTokens(text="x" * 65537), "prompts[0].text is 65537 bytes", "65536"),
+            (common_pb2.TextOrTokens(text="é" * 32769), "prompts[0].text is 65538 bytes", "--max-text-bytes"),
+            (messages(("user", "x" * 40000), ("assistant", "y" * 30000)), "prompts[0].messages hold", "65536"),
+            (messages(("user", "hi"), ("", "there")), "prompts[0].messages.messages[1].role", "empty"),
+            (messages(*[("user", "hi")] * 257), "prompts[0].messages.messages", "[1, 256]"),
+            (common_pb2.TextOrTokens(messages=common_pb2.ChatMessages()), "prompts[0].messages.messages", "got 0"),
+        ]
+        for prompt, field, limit in cases:
+            code, details = refused(c, prompt)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details and limit in details, details
+        # at the byte limit the text passes and is tokenized: then it is too long for the model
+        code, details = refused(c, common_pb2.TextOrTokens(text="x" * 65536))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_model_len" in details, details
+        assert c.generate([CHAT], max_tokens=1)[0].completions  # still serving
+    with client(servers, "qwen_w") as c:  # no chat template in that model directory
+        code, details = refused(c, messages(("user", "hi")))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0].messages needs a chat template" in details
+
+
+def test_health_answers_while_a_large_prompt_is_tokenized(servers):
+    """Tokenizing runs off the event loop: a 4 MiB prompt (allowed on qwen_w) takes seconds
+    to tokenize, and health checks keep answering meanwhile."""
+    s = servers["qwen_w"]
+    big = "the cat sat on the mat and thought about calculus " * ((4 << 20) // 50)
+    done, outcome = threading.Event(), []
+
+    def generate():
+        try:
+            with client(servers, "qwen_w") as c:
+                c.generate([big], max_tokens=1)
+            outcome.append(grpc.StatusCode.OK)
+        except grpc.RpcError as e:
+            outcome.append((e.code(), e.details()))
+        finally:
+            done.set()
+
+    latencies = []
+    with grpc.insecure_channel(s.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        t0 = time.monotonic()
+        threading.Thread(target=generate, daemon=True).start()
+        while not done.wait(0.05):
+            start = time.monotonic()
+            reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=30)
+            latencies.append(time.monotonic() - start)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        took = time.monotonic() - t0
+    [(code, details)] = outcome  # tokenized (seconds), then too long for the model
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_model_len" in details, details
+    assert took > 1.0, f"tokenizing took {took:.2f} s: too short to show anything"
+    assert len(latencies) >= 5 and max(latencies) < 1.0, (took, sorted(latencies)[-5:])
 
 
 # ---- exactness ----------------------------------------------------------------------
@@ -285,6 +433,11 @@ def test_bad_pushes_change_nothing(servers, models):
             "no commit": (good[:-1], grpc.StatusCode.INVALID_ARGUMENT, "no commit"),
             "chunk first": (good[1:], grpc.StatusCode.INVALID_ARGUMENT, "header"),
             "old version": (_with_header(good, version=v), grpc.StatusCode.FAILED_PRECONDITION, "version"),
+            # a version no client can hold would lock the replica for good
+            "version above 2^63 - 1": (_with_header(good, version=2**64 - 1), grpc.StatusCode.INVALID_ARGUMENT,
+                                       "header.version must be at most 2^63 - 1 = 9223372036854775807"),
+            "chunk after the commit": (good + [good[1]], grpc.StatusCode.INVALID_ARGUMENT, "after the commit"),
+            "second commit": (good + [good[-1]], grpc.StatusCode.INVALID_ARGUMENT, "commit after the commit"),
         }
         for case, (msgs, code, words) in cases.items():
             got, details = status_of(lambda: push(msgs))
@@ -334,12 +487,11 @@ def test_a_client_leaving_during_apply_leaves_the_push_whole(servers, models, fr
 
         def stream():
             yield from _messages(c, w, v + 1)
-            committed.set()
-            time.sleep(30)  # never half-closes: cancelled meanwhile
+            committed.set()  # the stream ends here: the server verifies it and waits to apply
 
         future = c.stub.UpdateWeights.future(stream(), timeout=60)
         assert committed.wait(30)
-        time.sleep(0.1)  # the commit reaches the server, which verifies it and waits to apply
+        time.sleep(0.2)  # the end of the stream reaches the server
         assert not all(f.done() for f in calls), "generation ended before the client left: make it longer"
         future.cancel()
         for f in calls:
@@ -468,6 +620,47 @@ def test_update_weights_needs_the_token(servers, models):
         assert c.model_info().weight_version < 10 ** 6
 
 
+def _open_staging_files(pid: int) -> list[str]:
+    fds = pathlib.Path(f"/proc/{pid}/fd")
+    out = []
+    for fd in fds.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if "rlhf-push-" in target:
+            out.append(target)
+    return out
+
+
+def test_a_stalled_push_is_dropped_after_the_idle_timeout(servers, models):
+    """A pusher that goes quiet after its header and a chunk (llama_w: --push-idle-timeout-s 2)
+    gets DEADLINE_EXCEEDED; its staging file is closed, and nothing was applied."""
+    s = servers["llama_w"]
+    with client(servers, "llama_w") as c:
+        v = c.model_info().weight_version
+        msgs = _messages(c, models["llama"]["base_state"], v + 1)
+        holding, release = threading.Event(), threading.Event()
+
+        def stalled():
+            yield from msgs[:2]
+            holding.set()
+            release.wait(60)
+
+        t0 = time.monotonic()
+        future = c.stub.UpdateWeights.future(stalled(), timeout=60)
+        assert holding.wait(30)
+        time.sleep(0.5)
+        assert _open_staging_files(s.pid), "the push in progress should hold its staging file open"
+        code, details = future.code(), future.details()
+        took = time.monotonic() - t0
+        release.set()
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "--push-idle-timeout-s" in details, (code, details)
+        assert 1.5 < took < 30, took
+        assert not _open_staging_files(s.pid)
+        assert c.model_info().weight_version == v
+
+
 def test_metrics(servers):
     s = servers["llama_base"]
     with client(servers, "llama_base") as c:
@@ -479,8 +672,23 @@ def test_metrics(servers):
         assert m, pattern
         return float(m.group(1))
 
+    def series(name) -> float:
+        """The value of `name` whatever its labels (vLLM's carry engine and model_name)."""
+        m = re.search(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M)
+        assert m, name
+        return float(m.group(2))
+
     assert value("rlhf_policy_weight_version") == version
-    assert value(r'rlhf_policy_requests_total\{method="Generate"\}') >= 3
+    # requests are counted once, by the runtime (grpc_server_started_total)
+    assert "rlhf_policy_requests_total" not in text
+    assert value(r'grpc_server_started_total\{grpc_method="Generate",grpc_service="rlhf.v1.PolicyService",'
+                 r'grpc_type="unary"\}') >= 3
+    assert re.search(r'^rlhf_build_info\{.*service="policy".*version="[^"]+".*\} 1.0$', text, re.M)
+    # vLLM's own series, on the same port (stats no longer switched off)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:num_preemptions_total"):
+        series(name)
+    assert series("vllm:generation_tokens_total") > 0 and series("vllm:prompt_tokens_total") > 0
     assert value("rlhf_policy_generated_tokens_total") > 0
     assert value("rlhf_policy_prompt_tokens_total") > 0
     assert value("rlhf_policy_time_to_first_token_seconds_count") > 0

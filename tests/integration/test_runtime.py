@@ -14,7 +14,6 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.common.config import ClientConfig
-from services.common.channel import create_channel
 from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.reward.client import RewardClient
 
@@ -88,6 +87,16 @@ def test_metrics_count_calls_by_code(authed):
     assert "grpc_server_handling_seconds_bucket{" in text
 
 
+def test_build_info(authed):
+    import re
+
+    text = _metrics(authed.metrics_port)
+    [line] = [line for line in text.splitlines() if line.startswith("rlhf_build_info{")]
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+    assert line.endswith(" 1.0") and labels["service"] == "reward" and labels["version"]
+    assert {"python_version", "grpc_version"} <= set(labels)
+
+
 def test_message_over_the_limit_is_resource_exhausted_and_server_keeps_serving(authed):
     with RewardClient(authed.address, ClientConfig(auth_token=TOKEN)) as client:
         with pytest.raises(grpc.RpcError) as err:
@@ -113,6 +122,40 @@ def test_tls_round_trip_and_mtls_refuses_clients_without_a_valid_certificate(tin
         with RewardClient(server.address, ClientConfig(), timeout=5) as client:  # plaintext to a TLS port
             with pytest.raises(grpc.RpcError):
                 client.scores([("q", "a")])
+
+
+def test_drain_linger_serves_new_rpcs_after_not_serving(tiny_reward_dir, tmp_path):
+    """--drain-linger-s: on SIGTERM health turns NOT_SERVING at once, new RPCs are still
+    served normally for the linger (load balancers are taking the replica out meanwhile),
+    then refused while the server drains and exits 0."""
+    linger = 3.0
+    server = reward_server(tiny_reward_dir, tmp_path, "--drain-linger-s", str(linger), "--grace-seconds", "10")
+    with server:
+        with grpc.insecure_channel(server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            stub.Score(reward_pb2.ScoreRequest(pairs=[PAIR]), timeout=30)
+            t_sig = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            while health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status != \
+                    health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() - t_sig < 1.0, "health did not turn NOT_SERVING at once"
+                time.sleep(0.02)
+            served = 0
+            while time.monotonic() - t_sig < linger - 1.0:  # well inside the linger
+                assert len(stub.Score(reward_pb2.ScoreRequest(pairs=[PAIR]), timeout=30).results) == 1
+                served += 1
+            assert served >= 3
+            refused = None
+            while refused is None and time.monotonic() - t_sig < linger + 10:
+                try:
+                    stub.Score(reward_pb2.ScoreRequest(pairs=[PAIR]), timeout=5)
+                except grpc.RpcError as e:
+                    refused = (e.code(), time.monotonic() - t_sig)
+                time.sleep(0.05)
+            assert refused is not None and refused[0] == grpc.StatusCode.UNAVAILABLE
+            assert refused[1] >= linger - 0.5, f"refused {refused[1]:.2f} s after SIGTERM, before the {linger} s linger"
+        assert server.proc.wait(timeout=30) == 0
 
 
 def test_health_lifecycle_and_drain_keeps_in_flight_rpc(tiny_reward_dir, tmp_path):

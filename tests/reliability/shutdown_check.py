@@ -1,5 +1,10 @@
 """SIGTERM while loaded, for any of our servers: accepted requests complete, new ones get
-UNAVAILABLE, health turns NOT_SERVING first, the process exits within its grace period."""
+UNAVAILABLE, health turns NOT_SERVING first, the process exits within its grace period.
+
+Two kinds of clients: ones that keep calling one address whatever health says, and
+(`leave_after_s`) ones behind a load balancer, which stop sending that long after
+NOT_SERVING, as a Kubernetes Service does once its endpoints drop the pod. With
+`--drain-linger-s` longer than that, the second kind never sees a refusal."""
 from __future__ import annotations
 
 import signal
@@ -30,8 +35,10 @@ def _request(kind: str):
 
 
 def sigterm_under_load(server, service: str, config, kind: str, *, grace: float, clients: int = 32,
-                       load_s: float = 3.0) -> tuple[dict, list[str]]:
-    """(row of the figures table, the checks that failed)."""
+                       load_s: float = 3.0, linger: float = 0.0,
+                       leave_after_s: float | None = None) -> tuple[dict, list[str]]:
+    """(row of the figures table, with the status codes counted under "codes"; the checks
+    that failed). `linger`: the server's --drain-linger-s."""
     method, req, valid = _request(kind)
     channels = [create_channel(server.address, config) for _ in range(4)]  # no retry policy: see every refusal
     calls = [method(c) for c in channels]
@@ -39,10 +46,11 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
     odd_details: dict[str, str] = {}
     lock = threading.Lock()
     stop = threading.Event()
+    gone = threading.Event()  # the load balancer has taken the server out: no new requests
 
     def client(i: int) -> None:
         call = calls[i % len(calls)]
-        while not stop.is_set():
+        while not stop.is_set() and not gone.is_set():
             t0 = time.monotonic()
             try:
                 ok = valid(call(req, timeout=120))
@@ -66,6 +74,8 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
             for msg in watch:
                 health_events.append((time.monotonic(), msg.status))
                 if msg.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    if leave_after_s is not None:
+                        threading.Timer(leave_after_s, gone.set).start()
                     watch.cancel()  # an open Watch would hold the drain for the whole grace period
                     return
         except grpc.RpcError as e:
@@ -96,7 +106,7 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
 
     odd = [f"{e[2]} sent {e[0] - t_sig:+.2f} s, ended {e[1] - t_sig:+.2f} s" for e in log if e[2] not in ("OK", "UNAVAILABLE")]
     before = [e for e in log if e[0] < t_sig - RACE_S]
-    after = [e for e in log if e[0] > t_sig + SETTLE_S]
+    after = [e for e in log if e[0] > t_sig + linger + SETTLE_S]
     lost = [e for e in before if e[2] != "OK" or not e[3]]
     accepted_late = [e for e in after if e[2] == "OK"]
     codes: dict[str, int] = {}
@@ -109,15 +119,16 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
     checks = {
         "accepted requests all completed": not lost,
         "only OK and UNAVAILABLE": set(codes) <= {"OK", "UNAVAILABLE"},
-        "new requests refused with UNAVAILABLE": bool(after) and not accepted_late,
+        # (clients behind a load balancer have left by then)
+        "new requests refused with UNAVAILABLE": not accepted_late and (bool(after) or leave_after_s is not None),
         "health NOT_SERVING before the first refusal": not_serving is not None and (
             first_refusal is None or not_serving <= first_refusal + ORDER_SLACK_S),
-        "exited 0 within the grace period": exit_code == 0 and exit_s <= grace,
+        "exited 0 within the linger and grace period": exit_code == 0 and exit_s <= linger + grace,
         "in-flight requests at SIGTERM": in_flight_at_sig > 0,
     }
     failed = [k for k, ok in checks.items() if not ok]
     row = dict(
-        cases=len(log), faults="SIGTERM under load",
+        codes=codes, cases=len(log), faults="SIGTERM under load",
         load=f"{clients} clients; {in_flight_at_sig} requests in flight at SIGTERM",
         errors=f"codes {codes}; {len(accepted_late)} accepted after drain began"
                + (f"; not OK/UNAVAILABLE (times from SIGTERM): {', '.join(odd[:4])} {odd_details}" if odd else ""),
@@ -125,6 +136,6 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
         result=("pass: " if not failed else "FAIL: " + "; ".join(failed) + "; ")
         + (f"health Watch failed ({watch_error[0][:160]}); " if watch_error else "")
         + f"NOT_SERVING {'never seen' if not_serving is None else f'{(not_serving - t_sig) * 1000:.0f} ms after SIGTERM'}, "
-          f"exit {exit_code} {exit_s:.1f} s after SIGTERM (grace {grace:.0f} s)",
+          f"exit {exit_code} {exit_s:.1f} s after SIGTERM (linger {linger:g} s, grace {grace:.0f} s)",
     )
     return row, failed

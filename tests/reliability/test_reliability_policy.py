@@ -106,7 +106,7 @@ def valid_params(draw, vocab: int, stream: bool):
                                 max_size=2)))
     p.stop_token_ids.extend(draw(st.lists(st.integers(0, vocab - 1), max_size=2)))
     if draw(st.booleans()) and p.n <= 1:  # seed with n > 1 is refused on the CPU backend
-        p.seed = draw(st.integers(-2**63, 2**63 - 1))
+        p.seed = draw(st.integers(0, 2**63 - 1))
     p.ignore_eos, p.logprobs = draw(st.booleans()), draw(st.booleans())
     return p
 
@@ -162,6 +162,8 @@ def _m_request_id(d, r, v):
                      .filter(lambda s: len(s.encode()) > 128))
 def _m_hot(d, r, v):
     r.params.temperature = d(st.floats(min_value=2.0, max_value=1e30, exclude_min=True))
+def _m_seed(d, r, v):
+    r.params.seed = d(st.integers(-2**63, -1))  # vLLM would take -1 as unseeded
 def _m_version(d, r, v):
     r.require_weight_version = d(st.integers(1, 2**64 - 1))  # the served version is 0 while fuzzing
 
@@ -176,6 +178,7 @@ MUTATIONS = {  # name: (mutation, expected code, applies to GenerateStream)
     "empty stop": (_m_empty_stop, IA, True), "stop too long": (_m_long_stop, IA, True),
     "too many stop ids": (_m_stop_ids_count, IA, True), "stop id out of range": (_m_bad_stop_id, IA, True),
     "request_id too long": (_m_request_id, IA, True), "wrong weight version": (_m_version, FP, True),
+    "negative seed": (_m_seed, IA, True),
     # The contract says only ">= 0"; vLLM caps it at 2. Served, or refused naming the field.
     "temperature above 2": (_m_hot, {OK, IA}, True),
 }
@@ -335,6 +338,8 @@ def update_case(draw, info):
     code = UPDATE_FAULTS[fault]
     if fault == "version not above served":
         header.version = draw(st.integers(0, info.weight_version))
+    elif fault == "version above 2^63 - 1":
+        header.version = draw(st.integers(2**63, 2**64 - 1))
     elif fault == "no tensors":
         del header.tensors[:]
     elif fault == "duplicate name":
@@ -386,18 +391,21 @@ def update_case(draw, info):
         msgs.insert(draw(st.integers(1, len(msgs) - 1)), msgs[0])
     elif fault == "no commit":
         msgs = msgs[:draw(st.integers(1, len(msgs) - 1))]
+    elif fault == "message after the commit":
+        msgs.append(draw(st.sampled_from(msgs[1:])))
     elif fault == "empty stream":
         msgs = []
     return msgs, code, fault
 
 
 UPDATE_FAULTS = {
-    "version not above served": FP, "no tensors": IA, "duplicate name": IA, "unknown name": FP,
+    "version not above served": FP, "version above 2^63 - 1": IA, "no tensors": IA, "duplicate name": IA,
+    "unknown name": FP,
     "bad dtype enum": IA, "not the served dtype": FP, "negative dim": IA, "wrong shape": FP, "huge shape": IA,
     "wrong nbytes": IA, "full with one tensor": FP, "offset gap": IA, "overrun": IA, "missing chunk": IA,
     "digest wrong length": IA, "digest mismatch": IA, "bad digest enum": IA, "sha256 digest sent for xxh3": IA, "chunk first": IA, "commit first": IA,
     "empty message first": IA, "empty message inside": IA, "second header": IA, "no commit": IA,
-    "empty stream": IA,
+    "message after the commit": IA, "empty stream": IA,
 }
 
 
@@ -853,6 +861,214 @@ def test_every_rpc_needs_the_token(policy, request):
     assert version(policy) < 10**6
     record(request, f"Auth: PolicyService, 4 RPCs x {len(BAD_TOKENS)} missing/wrong tokens", cases=refused,
            errors=f"{refused} UNAUTHENTICATED", lost="0 (no push applied)", result="pass")
+
+
+# ---- 6. a full staging disk, a dead engine, a crash (servers of their own) --------------------
+
+TMPFS_BYTES = 1 << 20  # less than one full push of the tiny model, more than a small partial one
+
+
+def _mount_tmpfs(path, size: int) -> bool:
+    """A small tmpfs: a real disk that fills up. Needs root (CAP_SYS_ADMIN)."""
+    import subprocess
+
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def _engine_core(pid: int):
+    """vLLM's engine-core child of a policy server (process title VLLM::EngineCore)."""
+    import psutil
+
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name():
+                return p
+        except psutil.NoSuchProcess:
+            pass
+    raise AssertionError(f"no EngineCore process under pid {pid}")
+
+
+@pytest.fixture(scope="module")
+def doomed(tiny_policy_dir, reliability_logs, tmp_path_factory):
+    """A policy server staging on a 1 MiB tmpfs (when this machine lets us mount one); the
+    dead-engine test kills its engine core."""
+    import subprocess
+
+    staging = tmp_path_factory.mktemp("small-disk")
+    mounted = _mount_tmpfs(staging, TMPFS_BYTES)
+    server = policy_server(tiny_policy_dir, reliability_logs, "--staging-dir", str(staging), "--grace-seconds", "30",
+                           env={"RLHF_AUTH_TOKEN": TOKEN}, client_config=AUTH)
+    try:
+        with server:
+            channel = create_channel(server.address, AUTH)
+            yield types.SimpleNamespace(server=server, channel=channel, staging=staging, mounted=mounted,
+                                        stub=policy_pb2_grpc.PolicyServiceStub(channel), model_dir=tiny_policy_dir)
+            channel.close()
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(staging)], check=False)
+
+
+def test_a_full_staging_disk_is_resource_exhausted(doomed, request):
+    if not doomed.mounted:
+        pytest.skip("mounting a small tmpfs needs root here; tests/unit/test_policy_weights.py covers the mapping")
+    import shutil
+
+    stub = doomed.stub
+    info = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
+    assert sum(t.nbytes for t in info.tensors) > TMPFS_BYTES
+    before = greedy(stub)
+    full = requests(weight_messages(plan_push(_weights(doomed.model_dir, 0.5), info), 1, True, info.dtype, 64 << 10))
+    answers = []
+    for _ in range(3):
+        try:
+            stub.UpdateWeights(iter(full), timeout=60)
+            answers.append((OK, ""))
+        except grpc.RpcError as e:
+            answers.append((e.code(), e.details() or ""))
+    assert all(code == RE and "is full" in details and "--staging-dir" in details for code, details in answers), answers
+    assert version(doomed) == 0 and greedy(stub) == before
+    assert not staged_pushes(doomed.staging), "the partial file of a refused push must not fill the disk"
+    free = shutil.disk_usage(doomed.staging).free
+    # A push that fits still goes through: the server kept serving and kept its disk clean.
+    small = _small_tensor(info)
+    partial = requests(weight_messages(plan_push({small.name: _weights(doomed.model_dir, 0.5)[small.name]}, info), 1,
+                                       False, info.dtype, 64 << 10))
+    assert stub.UpdateWeights(iter(partial), timeout=60).version == 1 and version(doomed) == 1
+    record(request, "Full staging disk: 1 MiB tmpfs, full pushes of the 2 MiB model", cases=len(answers) + 1,
+           faults=f"{len(answers)} pushes larger than the disk",
+           errors=f"{len(answers)} RESOURCE_EXHAUSTED ('{answers[0][1][:60]}...')",
+           lost=f"0: version and greedy unchanged, partial files deleted ({free >> 10} KiB free); a push that fits "
+                f"applied", result="pass")
+
+
+def test_a_dead_engine_turns_not_serving_and_exits(doomed, request):
+    """kill -9 of vLLM's engine core (what the OOM killer does): health turns NOT_SERVING,
+    calls get UNAVAILABLE (never INTERNAL; CANCELLED at most for the few that race the final
+    stop), and the process exits non-zero at once so that Kubernetes restarts it."""
+    import os
+    import signal
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = doomed.server
+    core = _engine_core(server.pid)
+    events: list[tuple[float, int]] = []
+    watch = health_pb2_grpc.HealthStub(doomed.channel).Watch(health_pb2.HealthCheckRequest(service=POLICY))
+
+    def follow():
+        try:
+            for reply in watch:
+                events.append((time.monotonic(), reply.status))
+        except grpc.RpcError:
+            pass
+
+    codes: dict[str, int] = {}
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            code = OK
+            try:
+                greedy(doomed.stub)
+            except grpc.RpcError as e:
+                code = e.code()
+            codes[code.name] = codes.get(code.name, 0) + 1
+
+    threads = [threading.Thread(target=follow, daemon=True)] + [threading.Thread(target=load, daemon=True)
+                                                                 for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    t_kill = time.monotonic()
+    os.kill(core.pid, signal.SIGKILL)
+    try:
+        exit_code = server.proc.wait(timeout=60)
+    finally:
+        stop.set()
+    exited = time.monotonic() - t_kill
+    not_serving = next((t - t_kill for t, status in events if t > t_kill
+                        and status == health_pb2.HealthCheckResponse.NOT_SERVING), None)
+    for t in threads[1:]:
+        t.join(30)
+    left = staged_pushes(doomed.staging)
+    record(request, "kill -9 of the vLLM engine core under load (4 clients)", cases=sum(codes.values()), faults=1,
+           load="4 clients of greedy Generate", errors=f"codes {codes}",
+           lost=f"NOT_SERVING {'never seen' if not_serving is None else f'{not_serving:.2f} s'} after the kill; "
+                f"exit {exit_code} {exited:.1f} s after; staging files left {len(left)}",
+           result="pass" if exit_code not in (0, None) and not_serving is not None and exited < 10
+           and set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"} else "FAIL")
+    assert not_serving is not None and not_serving < 5.0, events
+    assert exit_code not in (0, None) and exited < 10, (exit_code, exited)
+    # CANCELLED: a call racing the final stop (grpc/grpc#41785, see the SIGTERM section of
+    # docs/reliability.md); never INTERNAL or UNKNOWN
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"} and codes.get("UNAVAILABLE"), codes
+    assert not left  # it still stopped through the runtime: its staging files went with it
+
+
+def test_a_killed_servers_staging_files_go_at_restart(tiny_policy_dir, reliability_logs, tmp_path_factory, request):
+    """Two servers share a staging directory; one is SIGKILLed with a served push and a
+    spare in it. Restarted, it removes its dead predecessor's files and leaves those of the
+    other, live server alone (which still serves its pushed weights)."""
+    import uuid
+
+    staging = tmp_path_factory.mktemp("shared-staging")
+    args = ("--staging-dir", str(staging))
+    servers = [policy_server(tiny_policy_dir, reliability_logs, *args, env={"RLHF_AUTH_TOKEN": TOKEN},
+                             client_config=AUTH) for _ in range(2)]
+    restarted = None
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready()
+        owners, outputs = [], []
+        for i, s in enumerate(servers):
+            with create_channel(s.address, AUTH) as channel:
+                stub = policy_pb2_grpc.PolicyServiceStub(channel)
+                info = stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30)
+                owners.append(uuid.UUID(info.instance_id).hex)
+                msgs = requests(weight_messages(plan_push(_weights(tiny_policy_dir, 0.5, seed=i), info), 1, True,
+                                                info.dtype, 64 << 10))
+                assert stub.UpdateWeights(iter(msgs), timeout=120).version == 1  # the served push file
+                code, _ = code_of_push(stub, msgs[:-1] + [policy_pb2.UpdateWeightsRequest(
+                    commit=policy_pb2.WeightsCommit(digest=b"\0" * 16))], version=2)
+                assert code == IA  # a refused push: its file stays as the spare
+                outputs.append(greedy(stub))
+        files = {o: [f for f in staged_pushes(staging) if o in f] for o in owners}
+        assert all(len(f) == 2 for f in files.values()), files
+        servers[0].kill()  # SIGKILL, like the OOM killer: no cleanup
+        assert [f for f in staged_pushes(staging) if owners[0] in f] == files[owners[0]]
+        restarted = policy_server(tiny_policy_dir, reliability_logs, *args, env={"RLHF_AUTH_TOKEN": TOKEN},
+                                  client_config=AUTH).start().wait_ready()
+        left = staged_pushes(staging)
+        assert not [f for f in left if owners[0] in f], left
+        assert [f for f in left if owners[1] in f] == files[owners[1]], left
+        with create_channel(servers[1].address, AUTH) as channel:
+            assert greedy(policy_pb2_grpc.PolicyServiceStub(channel)) == outputs[1]  # still its pushed weights
+        codes = [restarted.terminate(), servers[1].terminate()]
+        remaining = sorted(p.name for p in staging.iterdir())
+        record(request, "SIGKILL of a policy server sharing its staging dir, then a restart", cases=3, faults=1,
+               errors=f"clean stops exit {codes}",
+               lost=f"killed server's {len(files[owners[0]])} files removed at restart; the live server's "
+                    f"{len(files[owners[1]])} kept; {len(remaining)} files left after clean stops",
+               result="pass" if codes == [0, 0] and not remaining else "FAIL")
+        assert codes == [0, 0] and not remaining, (codes, remaining)
+    finally:
+        for s in servers + [restarted]:
+            if s is not None:
+                s.terminate()
+
+
+def code_of_push(stub, msgs, version: int):
+    msgs = [m.__deepcopy__() for m in msgs]
+    msgs[0].header.version = version
+    try:
+        stub.UpdateWeights(iter(msgs), timeout=60)
+        return OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details() or ""
 
 
 # ---- 4. shutdown under load (last: it stops the module's server) ------------------------------

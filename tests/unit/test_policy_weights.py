@@ -1,13 +1,18 @@
-"""Staging and verification of weight pushes (services.policy.weights), without a server.
-
-Also the client's side of the wire format (services.policy.client): what it sends must
-pass the server's checks byte for byte."""
+"""Receiving weight pushes (services.policy.weights) without a server: the push session
+(header checks, chunk offsets, digest, commit, message order), the staging directory
+(spare file, files of dead servers), and the client's messages passing the session
+byte for byte."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
+import os
 import pathlib
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ import xxhash
 from rlhf.v1 import policy_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.policy.client import plan_push, tensor_bytes, weight_messages
-from services.policy.weights import TensorSpec, WeightStage, checkpoint_tensors
+from services.policy.weights import MAX_VERSION, PushSession, StagingDir, TensorSpec, checkpoint_tensors
 
 SERVED = {
     "embed.weight": TensorSpec("embed.weight", "float32", (10, 4), 160),
@@ -25,10 +30,26 @@ SERVED = {
 }
 
 
-def stage(tensors=None, version=1, full=True, current=0, max_bytes=1 << 20, tmp_path=None):
-    tensors = list(SERVED.values()) if tensors is None else tensors
-    return WeightStage(version, tensors, full, served=SERVED, current_version=current, max_bytes=max_bytes,
-                       directory=str(tmp_path) if tmp_path else None)
+@pytest.fixture
+def staging(tmp_path):
+    s = StagingDir(tmp_path, owner="me")
+    s.open()
+    yield s
+    s.close()
+
+
+def pushes(directory) -> list[str]:
+    return sorted(p.name for p in pathlib.Path(directory).glob("rlhf-push-*"))
+
+
+def session(staging, served=SERVED, current=0, max_bytes=1 << 20) -> PushSession:
+    return PushSession(staging, served=served, current_version=current, max_bytes=max_bytes)
+
+
+def started(staging, tensors=None, version=1, full=True, digest="xxh3_128", **kw) -> PushSession:
+    s = session(staging, **kw)
+    s.header(version, list(SERVED.values()) if tensors is None else tensors, full, digest)
+    return s
 
 
 def payload(specs):
@@ -36,21 +57,25 @@ def payload(specs):
     return b"".join(rng.standard_normal(t.nbytes // 4).astype("<f4").tobytes() for t in specs)
 
 
-def test_complete_push_stages_every_byte(tmp_path):
-    s = stage(tmp_path=tmp_path)
+def test_complete_push_stages_every_byte(staging):
+    s = started(staging)
     data = payload(SERVED.values())
     for off in range(0, len(data), 100):
-        s.write(off, data[off:off + 100])
-    staged = s.commit(xxhash.xxh3_128(data).digest())
+        s.chunk(off, data[off:off + 100])
+    s.commit(xxhash.xxh3_128(data).digest())
+    staged = s.end()
+    s.close()  # after end(): the file is the caller's, close() leaves it alone
     assert pathlib.Path(staged.path).read_bytes() == data
     assert [(x.name, x.offset) for x in staged.sources] == [("embed.weight", 0), ("norm.weight", 160),
                                                              ("lm_head.weight", 176)]
-    assert staged.nbytes == 336 and staged.version == 1
+    assert staged.nbytes == 336 and staged.version == 1 and staging.spare is None
 
 
 @pytest.mark.parametrize("change,error,words", [
     (dict(version=0), FailedPrecondition, "greater than the served version 0"),
     (dict(version=3, current=3), FailedPrecondition, "served version 3"),
+    (dict(version=MAX_VERSION + 1), InvalidArgument, f"header.version must be at most 2^63 - 1 = {MAX_VERSION}"),
+    (dict(version=2**64 - 1), InvalidArgument, "header.version must be at most"),
     (dict(tensors=[]), InvalidArgument, "at least one"),
     (dict(tensors=[TensorSpec("embed.weight", "float32", (11, 4), 176)], full=False), FailedPrecondition, "[10, 4]"),
     (dict(tensors=[TensorSpec("embed.weight", "float16", (10, 4), 80)], full=False), FailedPrecondition, "float32"),
@@ -60,96 +85,228 @@ def test_complete_push_stages_every_byte(tmp_path):
     (dict(tensors=[SERVED["norm.weight"], SERVED["norm.weight"]], full=False), InvalidArgument, "twice"),
     (dict(tensors=[SERVED["norm.weight"]], full=True), FailedPrecondition, "misses 2 parameters"),
     (dict(max_bytes=100), ResourceExhausted, "--max-push-bytes 100"),
+    (dict(digest="Digest value 7"), InvalidArgument, "header.digest must be one of"),
 ])
-def test_header_refusals(tmp_path, change, error, words):
-    with pytest.raises(error, match=None) as e:
-        stage(tmp_path=tmp_path, **change)
+def test_header_refusals(staging, change, error, words):
+    with pytest.raises(error) as e:
+        started(staging, **change)
     assert words in str(e.value)
-    assert not list(tmp_path.iterdir())  # nothing staged
+    assert not pushes(staging.directory)  # nothing staged
 
 
-def test_a_reused_file_holds_exactly_the_new_push(tmp_path):
+def test_the_largest_version_is_accepted(staging):
+    s = started(staging, version=MAX_VERSION, tensors=[SERVED["norm.weight"]], full=False)
+    s.close()
+
+
+def test_message_order(staging):
+    """Header first, one header, no empty messages, nothing after the commit, a commit
+    before the end: each broken rule is INVALID_ARGUMENT and stages nothing for good."""
+    data = payload([SERVED["norm.weight"]])
+    digest = xxhash.xxh3_128(data).digest()
+
+    def fresh():
+        return started(staging, tensors=[SERVED["norm.weight"]], full=False)
+
+    s = session(staging)
+    with pytest.raises(InvalidArgument, match="first UpdateWeights message must be a header, got a chunk"):
+        s.chunk(0, data)
+    with pytest.raises(InvalidArgument, match="must be a header, got a commit"):
+        s.commit(digest)
+    with pytest.raises(InvalidArgument, match="ended after no header"):
+        s.end()
+    s = fresh()
+    with pytest.raises(InvalidArgument, match="second header"):
+        s.header(2, [SERVED["norm.weight"]], False, "xxh3_128")
+    with pytest.raises(InvalidArgument, match="empty message"):
+        s.empty_message()
+    s.chunk(0, data)
+    with pytest.raises(InvalidArgument, match="ended after 16 of 16 bytes and no commit"):
+        s.end()
+    s.commit(digest)
+    with pytest.raises(InvalidArgument, match="got a chunk after the commit"):
+        s.chunk(16, b"")
+    with pytest.raises(InvalidArgument, match="got a commit after the commit"):
+        s.commit(digest)
+    s.close()  # refused: its file becomes the spare, which the next push overwrites
+    spare = staging.spare
+    assert pushes(staging.directory) == [pathlib.Path(spare).name]
+    s = fresh()
+    s.chunk(0, data)
+    s.commit(digest)
+    assert s.end().path == spare and staging.spare is None
+
+
+def test_a_reused_file_holds_exactly_the_new_push(staging):
     """A spare staging file, longer than the next push, is overwritten and cut to size."""
-    spare = tmp_path / "spare.bin"
+    spare = staging.directory / "rlhf-push-me-spare.bin"
     spare.write_bytes(b"\xff" * 1000)
-    s = WeightStage(1, [SERVED["norm.weight"]], False, served=SERVED, current_version=0, max_bytes=1 << 20,
-                    directory=str(tmp_path), reuse=str(spare))
+    staging.spare = str(spare)
+    s = started(staging, tensors=[SERVED["norm.weight"]], full=False)
     data = payload([SERVED["norm.weight"]])
-    s.write(0, data)
-    staged = s.commit(xxhash.xxh3_128(data).digest())
+    s.chunk(0, data)
+    s.commit(xxhash.xxh3_128(data).digest())
+    staged = s.end()
     assert staged.path == str(spare) and spare.read_bytes() == data
-    assert [p.name for p in tmp_path.iterdir()] == ["spare.bin"]
+    assert pushes(staging.directory) == ["rlhf-push-me-spare.bin"]
 
 
-def test_a_spare_deleted_meanwhile_gives_a_new_file(tmp_path):
-    s = WeightStage(1, [SERVED["norm.weight"]], False, served=SERVED, current_version=0, max_bytes=1 << 20,
-                    directory=str(tmp_path), reuse=str(tmp_path / "gone.bin"))
-    assert pathlib.Path(s.path).parent == tmp_path and pathlib.Path(s.path).exists()
-    s.discard()
+def test_a_spare_deleted_meanwhile_gives_a_new_file(staging):
+    staging.spare = str(staging.directory / "rlhf-push-me-gone.bin")
+    s = started(staging, tensors=[SERVED["norm.weight"]], full=False)
+    assert pathlib.Path(s.path).parent == staging.directory and pathlib.Path(s.path).exists()
+    s.close()
 
 
-def test_an_abandoned_stage_refuses_further_writes(tmp_path):
-    s = stage(tmp_path=tmp_path)
-    s.write(0, b"\x00" * 16)
-    s.close()  # what the engine does when the client goes away mid-push
+def test_recycle_keeps_one_spare(staging):
+    paths = [staging.create()[1] for _ in range(3)]
+    for p in paths:
+        staging.recycle(p)
+    assert staging.spare == paths[0] and pushes(staging.directory) == [pathlib.Path(paths[0]).name]
+
+
+def test_an_abandoned_session_refuses_further_writes(staging):
+    s = started(staging)
+    s.chunk(0, b"\x00" * 16)
+    s.close()  # what the server does when the client goes away mid-push
     with pytest.raises(InvalidArgument, match="abandoned"):
-        s.write(16, b"\x00" * 16)
-    assert pathlib.Path(s.path).stat().st_size == 16
+        s.chunk(16, b"\x00" * 16)
+    assert pathlib.Path(s.path).stat().st_size == 16 and staging.spare == s.path
 
 
-def test_partial_push_of_named_tensors(tmp_path):
-    s = stage([SERVED["norm.weight"]], full=False, tmp_path=tmp_path)
+def test_partial_push_of_named_tensors(staging):
+    s = started(staging, tensors=[SERVED["norm.weight"]], full=False)
     data = payload([SERVED["norm.weight"]])
-    s.write(0, data)
-    assert [x.name for x in s.commit(xxhash.xxh3_128(data).digest()).sources] == ["norm.weight"]
+    s.chunk(0, data)
+    s.commit(xxhash.xxh3_128(data).digest())
+    assert [x.name for x in s.end().sources] == ["norm.weight"]
 
 
-def test_chunk_offsets_and_sizes(tmp_path):
-    s = stage(tmp_path=tmp_path)
+def test_chunk_offsets_and_sizes(staging):
+    s = started(staging)
     data = payload(SERVED.values())
-    s.write(0, data[:50])
+    s.chunk(0, data[:50])
     with pytest.raises(InvalidArgument, match=r"offset must equal the bytes received so far \(50\), got 60"):
-        s.write(60, data[60:70])
+        s.chunk(60, data[60:70])
     with pytest.raises(InvalidArgument, match=r"offset must equal .*\(50\), got 0"):
-        s.write(0, data[:10])  # overlap
+        s.chunk(0, data[:10])  # overlap
     with pytest.raises(InvalidArgument, match="runs past the 336 bytes"):
-        s.write(50, data[50:] + b"xx")
-    s.write(50, data[50:300])
+        s.chunk(50, data[50:] + b"xx")
+    s.chunk(50, data[50:300])
     with pytest.raises(InvalidArgument, match="commit after 300 of the 336 bytes"):
         s.commit(xxhash.xxh3_128(data).digest())
-    s.discard()
-    assert not list(tmp_path.iterdir())
 
 
-def test_checksum(tmp_path):
+def test_checksum(staging):
     data = payload(SERVED.values())
-    s = stage(tmp_path=tmp_path)
-    s.write(0, data)
+    s = started(staging)
+    s.chunk(0, data)
     with pytest.raises(InvalidArgument, match="must be 16 bytes for xxh3_128, got 5"):
         s.commit(b"short")
     corrupt = bytearray(data)
     corrupt[7] ^= 1
     with pytest.raises(InvalidArgument, match="does not match"):
         s.commit(xxhash.xxh3_128(corrupt).digest())
-    s.discard()
-    assert not list(tmp_path.iterdir())
 
 
-def test_sha256_digest_on_request(tmp_path):
+def test_sha256_digest_on_request(staging):
     data = payload(SERVED.values())
-    s = WeightStage(1, list(SERVED.values()), True, served=SERVED, current_version=0, max_bytes=1 << 20,
-                    directory=str(tmp_path), digest="sha256")
-    s.write(0, data)
+    s = started(staging, digest="sha256")
+    s.chunk(0, data)
     with pytest.raises(InvalidArgument, match="must be 32 bytes for sha256, got 16"):
         s.commit(xxhash.xxh3_128(data).digest())
-    assert pathlib.Path(s.commit(hashlib.sha256(data).digest()).path).read_bytes() == data
+    s.commit(hashlib.sha256(data).digest())
+    assert pathlib.Path(s.end().path).read_bytes() == data
 
 
-def test_unknown_digest_is_refused_before_staging(tmp_path):
-    with pytest.raises(InvalidArgument, match="header.digest must be one of"):
-        WeightStage(1, list(SERVED.values()), True, served=SERVED, current_version=0, max_bytes=1 << 20,
-                    directory=str(tmp_path), digest="Digest value 7")
-    assert not list(tmp_path.iterdir())
+class _FullDisk:
+    """A file whose writes fail as a full (or over-quota) disk makes them fail."""
+
+    def __init__(self, file, code):
+        self.file, self.code = file, code
+        self.closed = False
+
+    def write(self, data):
+        raise OSError(self.code, os.strerror(self.code))
+
+    def close(self):
+        self.file.close()
+        self.closed = True
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_resource_exhausted_and_frees_the_file(staging, code):
+    """The mapping only; tests/reliability/test_reliability_policy.py fills a real tmpfs."""
+    s = started(staging)
+    s._file = _FullDisk(s._file, code)
+    with pytest.raises(ResourceExhausted, match=f"staging directory {staging.directory} is full .*after 0 of 336"):
+        s.chunk(0, b"\x00" * 16)
+    assert not pushes(staging.directory)  # the partial file is deleted, not kept as the spare
+    s.close()
+    assert staging.spare is None
+    # other errors are not the caller's: they stay what they are (INTERNAL)
+    s = started(staging)
+    s._file = _FullDisk(s._file, errno.EIO)
+    with pytest.raises(OSError) as e:
+        s.chunk(0, b"\x00" * 16)
+    assert not isinstance(e.value, ResourceExhausted) and e.value.errno == errno.EIO
+
+
+def test_staging_files_of_dead_servers_are_removed_and_live_ones_kept(tmp_path):
+    """Owners whose lock can be taken are dead: their files go. A live owner (here a child
+    process holding its flock) keeps its files, whatever their names."""
+    live = StagingDir(tmp_path, owner="live")
+    live.open()
+    live_file = live.create()[1]
+    (tmp_path / "rlhf-staging-other.lock").write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(tmp_path / "rlhf-staging-other.lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        (tmp_path / "rlhf-push-other-x1.bin").write_bytes(b"held by a live server in another process")
+        (tmp_path / "rlhf-staging-dead.lock").write_text("")  # its server was SIGKILLed: nobody holds it
+        (tmp_path / "rlhf-push-dead-a.bin").write_bytes(b"a")
+        (tmp_path / "rlhf-push-dead-b.bin").write_bytes(b"b")
+        (tmp_path / "rlhf-push-nolock-c.bin").write_bytes(b"c")  # no lock file at all
+        (tmp_path / "unrelated.bin").write_bytes(b"d")
+        live.close()  # the first server stops cleanly: its files and lock go
+        me = StagingDir(tmp_path, owner="new")
+        removed = me.open()
+        assert sorted(pathlib.Path(p).name for p in removed) == ["rlhf-push-dead-a.bin", "rlhf-push-dead-b.bin",
+                                                                  "rlhf-push-nolock-c.bin"]
+        left = sorted(p.name for p in tmp_path.iterdir())
+        assert left == ["rlhf-push-other-x1.bin", "rlhf-staging-new.lock", "rlhf-staging-other.lock", "unrelated.bin"]
+        assert not pathlib.Path(live_file).exists()
+        # this server's own lock is held: a third server leaves its files alone
+        mine = me.create()[1]
+        third = StagingDir(tmp_path, owner="third")
+        assert third.open() == [] and pathlib.Path(mine).exists()
+        third.close()
+        me.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rlhf-push-other-x1.bin", "rlhf-staging-other.lock",
+                                                              "unrelated.bin"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # once its holder is gone, the other server's files are found dead too
+    last = StagingDir(tmp_path, owner="last")
+    assert [pathlib.Path(p).name for p in last.open()] == ["rlhf-push-other-x1.bin"]
+    last.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.bin"]
+
+
+def test_the_lock_is_held_from_the_moment_it_has_its_name(tmp_path):
+    s = StagingDir(tmp_path, owner="me")
+    s.open()
+    fd = os.open(tmp_path / "rlhf-staging-me.lock", os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        s.close()
 
 
 def _write_safetensors(path, tensors: dict[str, tuple[str, list[int]]]):
@@ -175,9 +332,11 @@ def test_checkpoint_tensors_reads_headers(tmp_path, tied):
     assert sources["model.embed_tokens.weight"].dtype == "float32"  # converted by the loader
 
 
-def test_client_messages_pass_the_stage(tmp_path):
-    """The client's header/chunks/commit, fed to a stage, give the tensors' exact bytes."""
+def test_client_messages_pass_the_session(staging):
+    """The client's header/chunks/commit, fed to a session, give the tensors' exact bytes."""
     import torch
+
+    from services.policy.wire import DTYPE_NAME
 
     state = {"embed.weight": torch.randn(10, 4), "norm.weight": torch.randn(4, dtype=torch.float64)}
     state["lm_head.weight"] = state["embed.weight"]  # a tied alias the server does not list
@@ -192,13 +351,14 @@ def test_client_messages_pass_the_stage(tmp_path):
     assert [t.nbytes for t in header.tensors] == [80, 8] and header.version == 5 and header.full
     assert all(len(m.chunk.data) == 24 for m in msgs[1:-2])  # small tensors are packed into full chunks
     bf16 = {k: TensorSpec(k, "bfloat16", v.shape, v.nbytes // 2) for k, v in served.items()}
-    s = WeightStage(5, [TensorSpec(t.name, "bfloat16", tuple(t.shape), t.nbytes) for t in header.tensors], True,
-                    served=bf16, current_version=0, max_bytes=1 << 20, directory=str(tmp_path))
+    s = session(staging, served=bf16)
+    s.header(5, [TensorSpec(t.name, DTYPE_NAME[t.dtype], tuple(t.shape), t.nbytes) for t in header.tensors], True,
+             "xxh3_128")
     for m in msgs[1:-1]:
-        s.write(m.chunk.offset, m.chunk.data)
-    staged = s.commit(msgs[-1].commit.digest)
+        s.chunk(m.chunk.offset, m.chunk.data)
+    s.commit(msgs[-1].commit.digest)
     want = b"".join(state[k].to(torch.bfloat16).view(torch.int16).numpy().tobytes() for k in served)
-    assert pathlib.Path(staged.path).read_bytes() == want
+    assert pathlib.Path(s.end().path).read_bytes() == want
 
 
 def test_tensor_bytes_without_copy_when_possible():
@@ -211,12 +371,3 @@ def test_tensor_bytes_without_copy_when_possible():
     assert np.frombuffer(view, dtype="<f4")[0] == 42.0
     assert bytes(tensor_bytes(t.t(), "float32")) == t.t().contiguous().numpy().tobytes()
     assert bytes(tensor_bytes(np.ones(3, dtype=np.float64), "float32")) == np.ones(3, dtype="<f4").tobytes()
-
-
-def test_client_and_transport_import_neither_torch_nor_vllm():
-    import subprocess
-    import sys
-
-    code = ("import sys, services.policy.client, services.policy.server, services.policy.main; "
-            "bad = [m for m in ('torch', 'vllm') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,5 @@
-"""services.policy.wire: the hand-written chunk codec reads and writes what protobuf does."""
+"""services.policy.wire: the hand-written chunk codec reads and writes what protobuf does,
+and the enum tables are policy.proto's."""
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlhf.v1 import policy_pb2
-from services.policy.wire import CHUNK_FIELD, DATA_FIELD, OFFSET_FIELD, Chunk, _varint, decode_request, encode_chunk
+from services.policy.wire import (CHUNK_FIELD, DATA_FIELD, DIGEST_ENUM, DIGEST_NAME, DIGESTS, DTYPE_ENUM, DTYPE_NAME,
+                                  ELEMENT_SIZE, FINISH_ENUM, FINISH_NAME, OFFSET_FIELD, Chunk, _varint, decode_request,
+                                  encode_chunk)
 
 Request = policy_pb2.UpdateWeightsRequest
+
+
+def test_enum_tables_are_the_protos():
+    def names(enum, prefix):
+        return {v.number: v.name.removeprefix(prefix).lower() for v in enum.DESCRIPTOR.values if v.number}
+
+    assert DTYPE_NAME == names(policy_pb2.DType, "DTYPE_") and set(DTYPE_ENUM) == set(ELEMENT_SIZE)
+    assert {k: v for k, v in DIGEST_NAME.items() if k} == names(policy_pb2.Digest, "DIGEST_")
+    assert DIGEST_NAME[policy_pb2.DIGEST_UNSPECIFIED] == "xxh3_128" and set(DIGEST_ENUM) == set(DIGESTS)
+    assert {k: v for k, v in FINISH_NAME.items() if k} == names(policy_pb2.FinishReason, "FINISH_REASON_")
+    assert all(DTYPE_NAME[DTYPE_ENUM[n]] == n for n in DTYPE_ENUM)
+    assert all(FINISH_NAME[FINISH_ENUM[n]] == n for n in FINISH_ENUM)
 
 
 def chunk_request(offset: int, data: bytes) -> Request:
