@@ -40,22 +40,28 @@ def render_messages(tokenizer, messages: Sequence[ChatMessage], field: str = "me
 
 
 def check_messages(messages: Sequence[ChatMessage], field: str, max_text_bytes: int) -> tuple[ChatMessage, ...]:
-    """1 to MAX_MESSAGES turns with a role each; all contents together within max_text_bytes."""
+    """1 to MAX_MESSAGES turns with a role each; all roles and contents together within max_text_bytes."""
     if not 1 <= len(messages) <= MAX_MESSAGES:
         raise InvalidArgument(f"{field} must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}")
     total = 0
     for i, m in enumerate(messages):
         if not m.role:
             raise InvalidArgument(f"{field}[{i}].role must not be empty")
-        total += utf8_size(m.role, f"{field}[{i}].role") + utf8_size(m.content, f"{field}[{i}].content")
-    if total > max_text_bytes:
-        raise InvalidArgument(f"{field} holds {total} bytes of text, limit --max-text-bytes={max_text_bytes}")
+        total += utf8_size(m.role, f"{field}[{i}].role", max_text_bytes)
+        total += utf8_size(m.content, f"{field}[{i}].content", max_text_bytes)
+        if total > max_text_bytes:
+            raise InvalidArgument(f"{field} holds {total} bytes of text or more, limit --max-text-bytes="
+                                  f"{max_text_bytes}")
     return tuple(messages)
 
 
-def utf8_size(text: str, field: str) -> int:
-    """Bytes of `text` in UTF-8. A str decoded from JSON may hold lone surrogates (\\ud800), which
-    no tokenizer accepts: that is the caller's mistake, said here, not a crash later."""
+def utf8_size(text: str, field: str, limit: int | None = None) -> int:
+    """Bytes of `text` in UTF-8; with a `limit`, a text longer than it in characters (each is a
+    byte at least) counts as its length, without encoding a copy of a huge string. A str decoded
+    from JSON may hold lone surrogates (\\ud800), which no tokenizer accepts: that is the caller's
+    mistake, said here, not a crash later."""
+    if limit is not None and len(text) > limit:
+        return len(text)
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:

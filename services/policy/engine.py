@@ -21,8 +21,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.common.errors import FailedPrecondition, Unavailable
 from services.policy import limits
+from services.common.text import render_messages
 from services.policy.limits import Chat, Limits, Prompt, Sampling
 from services.policy.metrics import (GENERATED_TOKENS, PROMPT_TOKENS, TTFT, UPDATE_BYTES, WEIGHT_VERSION)
 from services.policy.results import Completion, PromptResult
@@ -208,7 +209,8 @@ class PolicyEngine:
             if isinstance(p, str):
                 ids = self.tokenizer.encode(p)
             elif isinstance(p, Chat):
-                ids = render_chat(self.tokenizer, p, field)
+                ids = self.tokenizer.encode(render_messages(self.tokenizer, p.messages, f"{field}.messages"),
+                                            add_special_tokens=False)
             else:
                 ids = list(p)
             limits.check_token_ids(ids, field, self.limits, given=isinstance(p, list))
@@ -401,21 +403,6 @@ class PolicyEngine:
                          pad_token_id=-1 if tok.pad_token_id is None else tok.pad_token_id,
                          tensors=list(self.served.values()), max_n=self.cfg.max_n, max_prompts=self.cfg.max_prompts,
                          engine_config=dict(self.engine_config), max_text_bytes=self.cfg.max_text_bytes)
-
-
-def render_chat(tokenizer, chat: Chat, field: str) -> list[int]:
-    """The conversation's prompt tokens, as vLLM's chat API makes them: the tokenizer's chat
-    template with the assistant turn opened, tokenized without added special tokens (the
-    template writes its own)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgument(f"{field}.messages needs a chat template, and the served model's tokenizer has "
-                              f"none; send text or token_ids")
-    try:
-        text = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in chat.messages],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - the template is the model's code run on the caller's messages
-        raise InvalidArgument(f"{field}.messages: the model's chat template refused them: {e}") from e
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def _config_value(value) -> str:

@@ -9,6 +9,7 @@ import dataclasses
 import math
 
 from services.common.errors import InvalidArgument
+from services.common.text import ChatMessage, check_messages, utf8_size
 
 DEFAULT_MAX_TOKENS = 16
 MAX_TEMPERATURE = 2.0  # vLLM refuses hotter sampling
@@ -16,20 +17,13 @@ GREEDY_BELOW = 1e-5  # vLLM samples greedily under this temperature
 MAX_STOP = 16
 MAX_STOP_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
-MAX_MESSAGES = 256
 MAX_SEED = 2**63 - 1  # vLLM takes -1 as "unseeded": negative seeds are refused instead
 
 
 @dataclasses.dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Chat:
-    """A conversation, rendered by the served tokenizer's chat template."""
-    messages: tuple[Message, ...]
+    """A conversation, rendered by the served tokenizer's chat template (services.common.text)."""
+    messages: tuple[ChatMessage, ...]
 
 
 Prompt = str | list[int] | Chat  # raw completion text, token ids as given, or a conversation
@@ -62,12 +56,6 @@ class Limits:
     seed_needs_single_n: bool = False
 
 
-def _utf8_size(text: str, limit: int) -> int:
-    """The UTF-8 size of `text`; when its length alone is over `limit` (every character
-    takes a byte at least), that length, without encoding a copy of a huge string."""
-    return len(text) if len(text) > limit else len(text.encode())
-
-
 def check_request_id(request_id: str) -> None:
     size = len(request_id.encode())
     if size > MAX_REQUEST_ID_BYTES:
@@ -84,23 +72,12 @@ def check_prompt_input(prompt: Prompt, field: str, limits: Limits) -> None:
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidArgument(f"{field}.text must not be empty")
-        size = _utf8_size(prompt, limits.max_text_bytes)
+        size = utf8_size(prompt, f"{field}.text", limits.max_text_bytes)
         if size > limits.max_text_bytes:
             raise InvalidArgument(f"{field}.text is {size} bytes or more; the limit is {limits.max_text_bytes} "
                                   f"bytes (--max-text-bytes)")
     elif isinstance(prompt, Chat):
-        messages = prompt.messages
-        if not 1 <= len(messages) <= MAX_MESSAGES:
-            raise InvalidArgument(f"{field}.messages.messages must hold [1, {MAX_MESSAGES}] messages, "
-                                  f"got {len(messages)}")
-        total = 0
-        for i, m in enumerate(messages):
-            if not m.role:
-                raise InvalidArgument(f"{field}.messages.messages[{i}].role must not be empty")
-            total += _utf8_size(m.role, limits.max_text_bytes) + _utf8_size(m.content, limits.max_text_bytes)
-            if total > limits.max_text_bytes:
-                raise InvalidArgument(f"{field}.messages hold {total} bytes or more of text; the limit is "
-                                      f"{limits.max_text_bytes} bytes (--max-text-bytes)")
+        check_messages(prompt.messages, f"{field}.messages.messages", limits.max_text_bytes)
 
 
 def check_token_ids(ids: list[int], field: str, limits: Limits, *, given: bool) -> None:

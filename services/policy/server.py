@@ -15,7 +15,8 @@ import grpc
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServiceError
 from services.policy.engine import INSTANCE_ID, PolicyEngine
-from services.policy.limits import Chat, Message, Prompt, Sampling
+from services.common.text import ChatMessage
+from services.policy.limits import Chat, Prompt, Sampling
 from services.policy.metrics import UPDATE_SECONDS, UPDATES
 from services.policy.weights import TensorSpec
 from services.policy.wire import DIGEST_NAME, DTYPE_ENUM, DTYPE_NAME, FINISH_ENUM, Chunk, decode_request
@@ -30,7 +31,7 @@ def _prompt(p: common_pb2.TextOrTokens, field: str) -> Prompt:
     if kind == "token_ids":
         return list(p.token_ids.ids)
     if kind == "messages":
-        return Chat(tuple(Message(m.role, m.content) for m in p.messages.messages))
+        return Chat(tuple(ChatMessage(m.role, m.content) for m in p.messages.messages))
     raise InvalidArgument(f"{field} must set text, token_ids or messages")
 
 

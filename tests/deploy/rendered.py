@@ -198,11 +198,17 @@ def strict_parser() -> argparse.ArgumentParser:
 
 
 def parse_rlhf(argv: list[str], where: str) -> argparse.Namespace:
-    """`rlhf ARGV`, parsed by the real parser; a rejected command line fails the test."""
+    """`rlhf ARGV`, parsed by the real parser; a rejected command line fails the test. `serve
+    policy` hands the flags it does not declare to vLLM's own parser (services.policy.options),
+    which checks them, values included, here too."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return strict_parser().parse_args(argv)
+            args = strict_parser().parse_args(argv)
+            if getattr(args, "engine_argv", None):
+                from services.policy.options import engine_parser
+                engine_parser().parse_args(args.engine_argv)
+            return args
     except SystemExit:
         pytest.fail(f"{where}: `rlhf {shlex.join(argv)}` is rejected by services.cli:\n{err.getvalue()}")
 

@@ -305,7 +305,7 @@ def test_chat_and_text_refusals(servers):
         assert c.generate([CHAT], max_tokens=1)[0].completions  # still serving
     with client(servers, "qwen_w") as c:  # no chat template in that model directory
         code, details = refused(c, messages(("user", "hi")))
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0].messages needs a chat template" in details
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompts[0].messages: the served model's tokenizer has no chat template" in details
 
 
 def test_health_answers_while_a_large_prompt_is_tokenized(servers):

@@ -6,7 +6,8 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.policy import limits
-from services.policy.limits import Chat, Limits, Message, Sampling
+from services.common.text import ChatMessage as Message
+from services.policy.limits import Chat, Limits, Sampling
 
 LIMITS = Limits(max_n=8, max_prompts=4, max_text_bytes=100, vocab_size=50, max_model_len=64)
 
@@ -65,11 +66,11 @@ def test_stream_needs_one_completion():
     ("", "prompts[0].text must not be empty"),
     ("x" * 101, "prompts[0].text is 101 bytes or more; the limit is 100 bytes (--max-text-bytes)"),
     ("é" * 51, "prompts[0].text is 102 bytes or more; the limit is 100"),  # bytes, not characters
-    (Chat(()), "prompts[0].messages.messages must hold [1, 256] messages, got 0"),
-    (Chat((Message("user", "hi"),) * 257), "must hold [1, 256] messages, got 257"),
+    (Chat(()), "prompts[0].messages.messages must hold 1 to 256 messages, got 0"),
+    (Chat((Message("user", "hi"),) * 257), "must hold 1 to 256 messages, got 257"),
     (Chat((Message("user", "hi"), Message("", "there"))), "prompts[0].messages.messages[1].role must not be empty"),
     (Chat((Message("user", "a" * 60), Message("assistant", "b" * 40))),
-     "prompts[0].messages hold 113 bytes or more of text; the limit is 100 bytes (--max-text-bytes)"),
+     "prompts[0].messages.messages holds 113 bytes of text or more, limit --max-text-bytes=100"),
 ])
 def test_prompt_refusals_before_tokenizing(prompt, words):
     with pytest.raises(InvalidArgument) as e:

@@ -35,7 +35,7 @@ def test_no_template_or_a_refusing_template_is_invalid_argument(tokenizer):
 def test_check_messages_limits():
     assert check_messages(list(CHAT), "m", 100) == CHAT
     size = sum(len(m.role) + len(m.content) for m in CHAT)
-    with pytest.raises(InvalidArgument, match=f"m holds {size} bytes of text, limit --max-text-bytes={size - 1}"):
+    with pytest.raises(InvalidArgument, match=f"m holds {size} bytes of text or more, limit --max-text-bytes={size - 1}"):
         check_messages(CHAT, "m", size - 1)
     with pytest.raises(InvalidArgument, match="m must hold 1 to 256 messages, got 0"):
         check_messages((), "m", 100)
