@@ -291,9 +291,10 @@ def test_chat_and_text_refusals(servers):
         cases = [
             (common_pb2.TextOrTokens(text="x" * 65537), "prompts[0].text is 65537 bytes", "65536"),
             (common_pb2.TextOrTokens(text="é" * 32769), "prompts[0].text is 65538 bytes", "--max-text-bytes"),
-            (messages(("user", "x" * 40000), ("assistant", "y" * 30000)), "prompts[0].messages hold", "65536"),
+            (messages(("user", "x" * 40000), ("assistant", "y" * 30000)), "prompts[0].messages.messages holds",
+             "65536"),
             (messages(("user", "hi"), ("", "there")), "prompts[0].messages.messages[1].role", "empty"),
-            (messages(*[("user", "hi")] * 257), "prompts[0].messages.messages", "[1, 256]"),
+            (messages(*[("user", "hi")] * 257), "prompts[0].messages.messages", "1 to 256"),
             (common_pb2.TextOrTokens(messages=common_pb2.ChatMessages()), "prompts[0].messages.messages", "got 0"),
         ]
         for prompt, field, limit in cases:

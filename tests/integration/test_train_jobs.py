@@ -119,7 +119,7 @@ def test_train_rejects_bad_arguments(tiny_policy_dir, small_data, tmp_path):
     result = subprocess.run([sys.executable, "-m", "services.cli", "train", "sft", "--model", str(tiny_policy_dir),
                              "--data", str(small_data / "prefs.jsonl"), "--out", str(tmp_path / "x")],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "needs a string field 'response'" in result.stderr, result.stderr
+    assert result.returncode == 2 and "no sft format fits the columns" in result.stderr, result.stderr
 
 
 # ---- the full demo data with the demo's settings ---------------------------------------------
