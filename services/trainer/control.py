@@ -11,7 +11,6 @@ import pathlib
 import threading
 
 from services.trainer.metrics import StepMetrics
-from services.trainer.rollout import ReplicaStatus
 
 
 class Phase(enum.Enum):
@@ -28,6 +27,16 @@ class Phase(enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     WAITING = "waiting"  # for a dependency that fails
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaStatus:
+    """A replica as the trainer last saw it (TrainerService shows these)."""
+    address: str
+    instance_id: str
+    weight_version: int
+    in_sync: bool
+    available: bool
 
 
 @dataclasses.dataclass(frozen=True)

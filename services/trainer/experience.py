@@ -23,7 +23,8 @@ class Sample:
     sampler_logprobs: list[float]  # per response token, from the policy service
     finish_reason: str  # "length" | "stop" | "eos" | "abort"
     weight_version: int  # the weights that sampled it
-    score: float = 0.0  # the reward service's score
+    score: float = 0.0  # the reward service's score (the weighted sum of its components)
+    components: dict[str, float] = dataclasses.field(default_factory=dict)  # each component's value
 
 
 @dataclasses.dataclass

@@ -177,7 +177,7 @@ class Share:
     failed: generated again when the rollout is finished), the scores of the completions, and
     how long generating and scoring took."""
     results: list
-    scores: dict[tuple[int, int], float]  # (prompt, completion index) -> score
+    scores: dict[tuple[int, int], tuple[float, dict[str, float]]]  # (prompt, completion) -> score, components
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
 
@@ -201,7 +201,7 @@ def score_share(scorer: Scorer, config: Config, prompts: list[str], results: lis
     texts = {(j, c.index): c.text for j in which for c in results[j].completions}
     scored = scorer.score([(prompts[j], texts[(j, k)]) for j, k in keys],
                           normalize=config.ppo.normalize_scores) if keys else []
-    return {key: r.score for key, r in zip(keys, scored)}
+    return {key: (r.score, dict(r.components)) for key, r in zip(keys, scored)}
 
 
 def run_share(replicas: PolicyReplicas, scorer: Scorer, config: Config, prompts: list[str], prompt_ids, sampling,
@@ -268,8 +268,9 @@ def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, rep
             elif (j, c.index) not in share.scores:
                 empty += 1
             else:
+                score, components = share.scores[(j, c.index)]
                 group.append(Sample(mine_prompts[j], pending.prompt_ids[j], list(c.token_ids), c.text,
-                                    list(c.logprobs), c.finish_reason, c.weight_version, share.scores[(j, c.index)]))
+                                    list(c.logprobs), c.finish_reason, c.weight_version, score, components))
         groups.append(group)
     parts = distributed.all_gather_object((groups, tokens, stale, empty, share.generate_seconds + share.score_seconds))
     groups = [g for g in distributed.interleave([p[0] for p in parts]) if g]
@@ -417,6 +418,8 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
         step=state.step, weight_version=min(s.weight_version for s in samples), pushed_version=state.version,
         time=time.time(),
         reward_mean=float(np.mean([s.score for s in samples])), score_mean=exp.scores.mean().item(),
+        reward_components={name: float(np.mean([s.components[name] for s in samples]))
+                           for name in samples[0].components},
         kl=exp.kl.sum(-1).mean().item(), entropy=stats["entropy"], clip_fraction=stats["clip_fraction"],
         approx_kl=stats["approx_kl"], policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
         kl_loss=stats["kl_loss"], beta=beta,
@@ -639,10 +642,9 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
 
 def main(args) -> int:
     from services.common.malloc import reuse_large_buffers
-    from services.trainer.config import from_args
 
     try:
-        config = from_args(Config, args, FLAGS)
+        config = load_config(args)
     except ConfigError as e:
         print(f"rlhf train ppo: {e}", file=sys.stderr)
         return 2
@@ -660,6 +662,11 @@ def main(args) -> int:
     if not history or history[-1].step < config.steps:
         return 128 + signal.SIGTERM  # stopped early (eviction, drain): not a success, resume later
     return 0
+
+
+def load_config(args) -> Config:
+    from services.trainer.config import from_args
+    return from_args(Config, args, FLAGS)
 
 
 # config key -> the attribute of the parsed CLI arguments that sets it

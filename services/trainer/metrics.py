@@ -16,6 +16,7 @@ class StepMetrics:
     pushed_version: int  # the version the step pushed
     time: float  # unix seconds at the end of the step
     reward_mean: float  # mean score from the reward service, as returned
+    reward_components: dict[str, float]  # mean of each reward component ("rm", then the reward functions)
     score_mean: float  # mean score after normalisation, clipping and the EOS penalty (what PPO optimises)
     kl: float  # mean per-sequence KL(policy || reference), nats
     entropy: float  # mean per-token policy entropy, nats
@@ -70,6 +71,8 @@ GAUGES = {key: Gauge(f"rlhf_trainer_{key}", help) for key, help in [
 ]}
 STALENESS = Histogram("rlhf_trainer_completion_staleness", "Weight versions between a trained completion's sampler "
                       "and the trainer.", buckets=(0, 1, 2, 3, 5, 10))
+REWARD_COMPONENTS = Gauge("rlhf_trainer_reward_component", "Mean value of each reward component in the step.",
+                          ["component"])
 GENERATED_TOKENS = Counter("rlhf_trainer_generated_tokens_total", "Tokens generated for the trainer (rate() gives tokens/s).")
 STEP_SECONDS = Histogram("rlhf_trainer_step_seconds", "Seconds per PPO step phase.", ["phase"],
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
@@ -87,6 +90,8 @@ def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
     for key, gauge in GAUGES.items():
         gauge.set(getattr(m, key))
     GENERATED_TOKENS.inc(m.generated_tokens)
+    for name, value in m.reward_components.items():
+        REWARD_COMPONENTS.labels(name).set(value)
     for behind, n in m.staleness.items():
         for _ in range(n):
             STALENESS.observe(int(behind))

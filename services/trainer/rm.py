@@ -27,6 +27,7 @@ from services.trainer import distributed, formats
 from services.trainer.config import ConfigError, RMConfig
 from services.trainer.data import split_train_eval
 from services.trainer.distributed import Dist
+from services.trainer import supervised
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
 
 log = logging.getLogger(__name__)
@@ -153,3 +154,7 @@ def main(args: argparse.Namespace) -> int:
     return run_job(args, RMConfig, train_reward_model, "rm", ("steps", "eval_accuracy", "noise_ceiling",
                                                              "eval_accuracy_clean", "score_mean", "score_std",
                                                              "seconds"))
+
+
+def load_config(args: argparse.Namespace) -> RMConfig:
+    return supervised.load_config(args, RMConfig)

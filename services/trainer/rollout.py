@@ -33,6 +33,7 @@ from services.common.config import ClientConfig
 from services.policy.client import PolicyClient, TensorRef
 from services.reward.client import RewardClient
 from services.trainer import distributed, metrics
+from services.trainer.control import ReplicaStatus
 from services.trainer.distributed import Dist
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,6 @@ class Replica:
 
     def in_sync(self, version: int) -> bool:
         return self.available and self.weight_version == version
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaStatus:
-    """A replica as the trainer last saw it (TrainerService shows these)."""
-    address: str
-    instance_id: str
-    weight_version: int
-    in_sync: bool
-    available: bool
 
 
 class PolicyReplicas:

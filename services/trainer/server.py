@@ -6,9 +6,8 @@ import asyncio
 from google.protobuf import timestamp_pb2
 
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-from services.trainer.control import Control, Phase, Status
+from services.trainer.control import Control, Phase, ReplicaStatus, Status
 from services.trainer.metrics import StepMetrics
-from services.trainer.rollout import ReplicaStatus
 
 # Built at import: a phase without its proto enum value fails here, not in a call.
 PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Phase}
@@ -24,7 +23,8 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         step=m.step, weight_version=m.weight_version, reward_mean=m.reward_mean, kl=m.kl, entropy=m.entropy,
         clip_fraction=m.clip_fraction, approx_kl=m.approx_kl, policy_loss=m.policy_loss, value_loss=m.value_loss,
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
-        extra={key: float(getattr(m, key)) for key in EXTRA},
+        extra={**{key: float(getattr(m, key)) for key in EXTRA},
+               **{f"reward_{name}": value for name, value in m.reward_components.items()}},
         time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)))
 
 

@@ -22,6 +22,7 @@ from services.trainer import data as D
 from services.trainer import distributed, formats
 from services.trainer.config import ConfigError, SFTConfig
 from services.trainer.distributed import Dist
+from services.trainer import supervised
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
 
 log = logging.getLogger(__name__)
@@ -115,3 +116,7 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None, progress: bool = True) -> d
 
 def main(args: argparse.Namespace) -> int:
     return run_job(args, SFTConfig, train_sft, "sft", ("steps", "train_loss", "eval_loss", "seconds"))
+
+
+def load_config(args: argparse.Namespace) -> SFTConfig:
+    return supervised.load_config(args, SFTConfig)

@@ -101,12 +101,16 @@ FLAGS = {key: key for key in ("model", "data", "out", "epochs", "lr", "batch_siz
                               "seed", "device", "dtype", "max_steps", "data_split")}
 
 
+def load_config(args: argparse.Namespace, cls: type[Supervised]) -> Supervised:
+    return from_args(cls, args, FLAGS)
+
+
 def run_job(args: argparse.Namespace, cls: type[Supervised], train: Callable[[Supervised], dict], name: str,
             keys: tuple[str, ...]) -> int:
     """The CLI around a supervised job: load and check the config (exit 2 when it or the data is
     bad: retrying cannot help), train, print a summary on rank 0."""
     try:
-        cfg = from_args(cls, args, FLAGS)
+        cfg = load_config(args, cls)
         if args.print_config:
             print(dump(cfg), end="")
             return 0

@@ -1,0 +1,130 @@
+"""The walls between the parts (DESIGN.md, "Nevers"), checked on the source and on what importing
+a module really loads:
+
+- a core imports no grpc, protobuf or contracts (rlhf.v1): it can be tested and reused without
+  the transport;
+- a client or a shared (services.common) module imports no torch, vllm, transformers or numpy: a
+  system that only calls the services installs grpcio and protobuf, nothing else;
+- a server never imports its own client, and the front ends of one core never import each other;
+- the runtime (services.common) imports no service, and the reward service imports nothing of the
+  trainer (which runs the training jobs).
+"""
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SERVICES = ROOT / "services"
+
+CORES = ["services.policy.engine", "services.policy.worker", "services.policy.limits", "services.policy.weights",
+         "services.policy.results", "services.policy.options", "services.reward.model", "services.reward.batcher",
+         "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.trainer.ppo",
+         "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
+         "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
+         "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics"]
+TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
+CLIENTS = ["services.policy.client", "services.reward.client"]
+ML = ("torch", "vllm", "transformers", "numpy")
+
+
+def module_file(module: str) -> pathlib.Path:
+    path = ROOT / pathlib.Path(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def imports(module: str) -> set[str]:
+    """Every module named by an import statement of `module`'s source, at any depth (lazy imports
+    inside functions too), absolute."""
+    tree = ast.parse(module_file(module).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def starts(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def all_modules(package: str) -> list[str]:
+    base = SERVICES / package.split(".")[-1]
+    return sorted(f"{package}.{p.stem}" for p in base.glob("*.py") if p.stem != "__init__")
+
+
+def test_the_lists_name_modules_that_exist():
+    for module in CORES + CLIENTS:
+        assert module_file(module).is_file(), module
+
+
+@pytest.mark.parametrize("module", CORES)
+def test_a_core_imports_no_transport(module):
+    bad = sorted(n for n in imports(module) if starts(n, TRANSPORT))
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_cores_load_no_transport_when_imported():
+    """Importing every core loads neither grpc nor protobuf nor the contracts, through any of
+    their own imports either."""
+    code = ("import sys; " + "; ".join(f"import {m}" for m in CORES) +
+            f"; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'rlhf') "
+            f"or m.startswith('google.protobuf')); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("module", CLIENTS + all_modules("services.common"))
+def test_clients_and_shared_modules_import_no_ml(module):
+    bad = sorted(n for n in imports(module) if starts(n, ML))
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_clients_and_the_runtime_load_no_ml_when_imported():
+    modules = CLIENTS + all_modules("services.common")
+    code = ("import sys; " + "; ".join(f"import {m}" for m in modules) +
+            f"; bad = [m for m in {ML!r} if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize("server, client", [("services.policy.server", "services.policy.client"),
+                                            ("services.reward.server", "services.reward.client"),
+                                            ("services.reward.http", "services.reward.client")])
+def test_a_server_does_not_import_its_own_client(server, client):
+    assert not starts_any(imports(server), client), f"{server} imports {client}"
+
+
+def starts_any(names: set[str], prefix: str) -> bool:
+    return any(starts(n, (prefix,)) for n in names)
+
+
+def test_the_front_ends_of_one_core_do_not_import_each_other():
+    assert not starts_any(imports("services.reward.server"), "services.reward.http")
+    assert not starts_any(imports("services.reward.http"), "services.reward.server")
+
+
+@pytest.mark.parametrize("module", all_modules("services.common"))
+def test_the_runtime_imports_no_service(module):
+    bad = sorted(n for n in imports(module) if starts(n, ("services.policy", "services.reward", "services.trainer",
+                                                           "services.demo")))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", all_modules("services.reward"))
+def test_the_reward_service_imports_nothing_of_the_trainer(module):
+    assert not starts_any(imports(module), "services.trainer"), module
+
+
+def test_a_broken_wall_is_caught(tmp_path, monkeypatch):
+    """The control: the checks see an import wherever it is written."""
+    source = "def f():\n    import grpc\n    from torch import nn\n"
+    path = tmp_path / "services" / "policy" / "engine.py"
+    path.parent.mkdir(parents=True)
+    path.write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert {"grpc", "torch", "torch.nn"} <= imports("services.policy.engine")
