@@ -4,7 +4,7 @@ Used by test_trainer_distributed.py: the same global batch and seed at N = 1 and
 the same parameters. Writes rank 0's full policy and value parameters, the update's statistics
 and the full optimizer state to OUT/params.pt.
 
-    python tests/integration/ppo_update_worker.py SFT_DIR REWARD_DIR OUT OPTIMIZER [save|load]
+    python tests/integration/ppo_update_worker.py SFT_DIR REWARD_DIR OUT OPTIMIZER [save|load|update] [ADVANTAGE]
 
 With `save` the state after the update is checkpointed in OUT; with `load` the update is skipped
 and the state is loaded from the checkpoint in OUT instead (at whatever world size this runs).
@@ -24,8 +24,9 @@ from services.trainer.experience import Rollout, Sample
 from services.trainer.loop import PPOState, make_experience, ppo_update
 
 
-def fixed_rollout(vocab: int, n: int = 16, seed: int = 0) -> Rollout:
-    """n samples with prompts and responses of varied lengths, scores and finish reasons."""
+def fixed_rollout(vocab: int, n: int = 16, seed: int = 0, group: int = 1) -> Rollout:
+    """n samples with prompts and responses of varied lengths, scores and finish reasons, in
+    groups of `group` completions of one prompt."""
     rng = random.Random(seed)
     samples = []
     for i in range(n):
@@ -34,7 +35,7 @@ def fixed_rollout(vocab: int, n: int = 16, seed: int = 0) -> Rollout:
         samples.append(Sample(f"p{i}", prompt, response, "text", [-rng.random() * 3 for _ in response],
                               rng.choice(["eos", "length"]), 1, rng.gauss(0, 1)))
     return Rollout(samples, [s.prompt for s in samples], generated_tokens=sum(len(s.response_ids) for s in samples),
-                   group_sizes=[1] * n)
+                   group_sizes=[group] * (n // group))
 
 
 def full_optimizer_state(state: PPOState) -> dict:
@@ -46,7 +47,9 @@ def full_optimizer_state(state: PPOState) -> dict:
 
 def main() -> None:
     sft, reward, out, optimizer = sys.argv[1:5]
-    action = sys.argv[5] if len(sys.argv) > 5 else ""
+    action = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "update" else ""
+    advantage = sys.argv[6] if len(sys.argv) > 6 else "gae"
+    group = 1 if advantage in ("gae", "reinforce_pp") else 2
     out = pathlib.Path(out)
     prompts = out / "prompts.jsonl"
     prompts.parent.mkdir(parents=True, exist_ok=True)
@@ -54,19 +57,21 @@ def main() -> None:
     config = Config.model_validate(dict(
         policy_addresses=["unused:1"], reward_address="unused:2", sft_model=sft, reward_model=reward,
         prompts=str(prompts), out=str(out), device="cpu", seed=3,
-        rollout=dict(batch_size=16), ppo=dict(epochs=2, minibatch_size=8, lr=1e-4, beta=0.1, max_grad_norm=1e9)))
+        rollout=dict(batch_size=16 // group, n=group),
+        ppo=dict(epochs=2, minibatch_size=8, lr=1e-4, beta=0.1, max_grad_norm=1e9, advantage=advantage)))
     d = distributed.init("cpu", "float32")
     state = PPOState.build(config, d)
     if optimizer == "sgd":  # the update is then the gradient itself: equal parameters mean equal gradients
         state.policy_opt = torch.optim.SGD(state.policy.parameters(), lr=1e-3)
-        state.value_opt = torch.optim.SGD(state.value.parameters(), lr=1e-3)
         state.policy_sched = torch.optim.lr_scheduler.LambdaLR(state.policy_opt, lambda s: 1.0)
-        state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, lambda s: 1.0)
+        if state.value is not None:
+            state.value_opt = torch.optim.SGD(state.value.parameters(), lr=1e-3)
+            state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, lambda s: 1.0)
     stats, advantages = {}, None
     if action == "load":
         state.load(checkpoint.latest(out), d)
     else:
-        rollout = fixed_rollout(state.policy.config.vocab_size)
+        rollout = fixed_rollout(state.policy.config.vocab_size, group=group)
         exp = make_experience(state, rollout, config, pad_id=1, d=d)
         stats, advantages = ppo_update(state, exp, config, d), exp.advantages
         state.step = 1
@@ -74,7 +79,8 @@ def main() -> None:
         state.save(out, tokenizer=None, d=d)
     optimizer_state = full_optimizer_state(state)
     params = {f"policy.{n}": t for n, t in distributed.full_parameters(state.policy, d)}
-    params |= {f"value.{n}": t for n, t in distributed.full_parameters(state.value, d)}
+    if state.value is not None:
+        params |= {f"value.{n}": t for n, t in distributed.full_parameters(state.value, d)}
     if d.main:
         torch.save({"params": params, "stats": stats, "advantages": advantages, "optimizer": optimizer_state,
                     "step": state.step}, out / f"params-{action or 'update'}-{d.world_size}.pt")

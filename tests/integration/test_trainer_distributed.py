@@ -91,6 +91,25 @@ def test_a_checkpoint_saved_at_two_ranks_loads_at_one_and_back(tmp_path, tied_po
         assert torch.equal(saved["params"][name], loaded["params"][name]), name
 
 
+@pytest.mark.parametrize("advantage", ["grpo", "reinforce_pp"])
+def test_a_critic_free_update_on_two_ranks_equals_one_rank_and_its_checkpoint_resumes(tmp_path, tied_policy_dir,
+                                                                                       tiny_reward_dir, advantage):
+    """No value model is loaded, trained or checkpointed; the update and the checkpoint behave as with it."""
+    for n in (1, 2):
+        torchrun(n, str(WORKER), str(tied_policy_dir), str(tiny_reward_dir), str(tmp_path), "sgd", "update", advantage)
+    one, two = (torch.load(tmp_path / f"params-update-{n}.pt") for n in (1, 2))
+    assert not [k for k in one["params"] if k.startswith("value.")] and one["stats"]["value_loss"] == 0.0
+    start = {k: v for k, v in initial(tied_policy_dir, tiny_reward_dir).items() if k.startswith("policy.")}
+    assert_same_update(one["params"], two["params"], start, 1e-3)
+    args = [str(WORKER), str(tied_policy_dir), str(tiny_reward_dir), str(tmp_path), "adamw"]
+    torchrun(2, *args, "save", advantage)
+    torchrun(1, *args, "load", advantage)
+    saved, loaded = torch.load(tmp_path / "params-save-2.pt"), torch.load(tmp_path / "params-load-1.pt")
+    assert set(saved["optimizer"]) == {"policy"}
+    for name in saved["params"]:
+        assert torch.equal(saved["params"][name], loaded["params"][name]), name
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     from services.demo.data import write_demo_data
