@@ -66,6 +66,41 @@ def ppo_config(out: pathlib.Path, *, policy: str, reward: str, models: pathlib.P
         ppo={**PPO["ppo"], "beta": beta, **variant.get("ppo", {})}, services=overlap.get("services", {})))
 
 
+@contextlib.contextmanager
+def deployed_layout(apply: bool, servers):
+    """For one_step_off: generation (the services) on CPU 0, training (this process, one torch
+    thread) on CPU 1, as on a GPU node where they run on different devices. On 2 shared cores
+    the two compute-bound halves would otherwise slow each other down instead of overlapping
+    (docs/training.md has the figures). Does nothing with fewer than 2 CPUs."""
+    import psutil
+    import torch
+
+    me, cpus = psutil.Process(), psutil.Process().cpu_affinity()
+    if not apply or len(cpus) < 2:
+        yield
+        return
+    threads = torch.get_num_threads()
+
+    def pin(proc, where):
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                p.cpu_affinity(where)
+            except psutil.Error:
+                pass
+
+    for server in servers:
+        pin(psutil.Process(server.pid), cpus[:1])
+    me.cpu_affinity(cpus[1:2])
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        me.cpu_affinity(cpus)
+        torch.set_num_threads(threads)
+        for server in servers:
+            pin(psutil.Process(server.pid), cpus)
+
+
 def stage(n: int, total: int, what: str) -> float:
     log.info("[%d/%d] %s", n, total, what)
     return time.perf_counter()
@@ -172,7 +207,8 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
                 config = ppo_config(out / name, policy=policy_srv.address, reward=reward_srv.address,
                                     models=models, prompts=paths["prompts"], steps=steps, seed=seed, beta=beta,
                                     algo=algo, mode=mode)
-                history = train(config, ClientConfig(), handle_signals=False)
+                with deployed_layout(mode == "one_step_off", [reward_srv, policy_srv]):
+                    history = train(config, ClientConfig(), handle_signals=False)
                 wall = time.perf_counter() - t
                 ranks = json.loads((out / name / "ranks.json").read_text())
                 results[f"{name}_history"] = history
