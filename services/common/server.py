@@ -14,6 +14,7 @@ the SIGTERM drain.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import importlib.metadata
 import threading
 import logging
@@ -71,6 +72,37 @@ def _server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
+class _MetricsHandler(http.server.BaseHTTPRequestHandler):
+    """GET /metrics in Prometheus' classic text format, whatever the scraper's Accept header asks.
+
+    prometheus_client answers a scraper that asks for OpenMetrics 1.0 (Prometheus 2.x does) with
+    names outside the legacy character set escaped, so vLLM's `vllm:num_requests_running` arrives
+    as `vllm_num_requests_running` there and as itself elsewhere. The text format keeps every
+    name as the code registers it, for every Prometheus, and the dashboard's queries hold."""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        if self.path.split("?")[0] not in ("/", "/metrics"):
+            self.send_error(404)
+            return
+        body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
+        self.send_response(200)
+        self.send_header("Content-Type", prometheus_client.CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:  # one line per scrape is noise
+        pass
+
+
+def serve_metrics(host: str, port: int) -> http.server.ThreadingHTTPServer:
+    """The /metrics endpoint on a daemon thread."""
+    server = http.server.ThreadingHTTPServer((host, port), _MetricsHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
 async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT, or until `stop` is set when the caller owns the signals.
     Returns the process's exit code: 0, or EXIT_FATAL after a fatal failure."""
@@ -100,7 +132,7 @@ async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | Non
     if port == 0:
         raise SystemExit(f"could not bind {address}")
     if cfg.metrics_port:
-        prometheus_client.start_http_server(cfg.metrics_port, addr=cfg.host)
+        serve_metrics(cfg.host, cfg.metrics_port)
     await server.start()
     log.info("%s listening on %s:%d (metrics %s, auth %s, tls %s)", servicer.service_name, cfg.host, port,
              cfg.metrics_port or "off", "on" if cfg.auth_token else "off",

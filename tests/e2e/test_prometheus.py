@@ -118,3 +118,15 @@ def test_prometheus_scrapes_a_ppo_run(prometheus, tiny_policy_dir, tiny_reward_d
             assert query(prom, f'sum(grpc_server_handled_total{{grpc_service="rlhf.v1.RewardService",grpc_method="Score",{ok}}})') == status.step
             assert query(prom, f'sum(grpc_server_handled_total{{grpc_service="rlhf.v1.TrainerService",grpc_method="Pause",{ok}}})') == 1
             assert query(prom, 'up{job="trainer"}') == 1
+            # Counters, not rates, for the trainer (rate() in the query gives tokens per second).
+            assert query(prom, "rlhf_trainer_steps_total") == status.step
+            assert query(prom, "rlhf_trainer_generated_tokens_total") == sum(m["generated_tokens"] for m in history)
+            assert query(prom, 'sum(rlhf_trainer_weight_pushes_total{result="ok"})') == status.step + 1
+            assert query(prom, 'sum(rlhf_trainer_reward_component{component="rm"})') == pytest.approx(
+                history[-1]["reward_components"]["rm"], rel=1e-6)
+            # Every service says what runs; vLLM's own series come from the policy's metrics port,
+            # under vLLM's own names (colons kept, whatever format Prometheus asks for).
+            assert query(prom, "count(rlhf_build_info)") == 3
+            assert query(prom, "sum(vllm:generation_tokens_total)") >= sum(m["generated_tokens"] for m in history)
+            assert query(prom, "sum(vllm:num_requests_running)") == 0  # paused: nothing in flight
+            assert 0 <= query(prom, "max(vllm:kv_cache_usage_perc)") <= 1
