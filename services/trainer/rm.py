@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from services.common.errors import InvalidArgument
 from services.reward import model as rm
 from services.trainer import distributed, formats
-from services.trainer.config import ConfigError, RMConfig
-from services.trainer.data import split_train_eval
+from services.trainer.config import RMConfig
 from services.trainer.distributed import Dist
 from services.trainer import supervised
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
@@ -67,18 +66,10 @@ def noise_ceiling(data_path, rows) -> float | None:
 def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     """Train the sequence classifier cfg.model on cfg.data; write a Hugging Face directory to cfg.out.
     Returns the metrics also written to out/reward_meta.json."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
     t0 = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    rows = formats.load_rows(cfg.data, cfg.columns, cfg.data_split)
-    train_rows, eval_rows = split_train_eval(rows, cfg.eval_fraction, cfg.seed)
+    d, tokenizer, pad_id, train_rows, eval_rows = supervised.prepare(cfg, d)
     train, train_rows = formats.preference_examples(tokenizer, train_rows, cfg.max_length, cfg.data)
     evalset, eval_rows = (formats.preference_examples(tokenizer, eval_rows, cfg.max_length, cfg.data)
                           if eval_rows else ([], []))
@@ -115,7 +106,7 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     ev = evaluate(model, range(len(evalset)), cfg.batch_size, d, eval_forward) if evalset else {}
     metrics = {"eval_loss": ev["loss"] / ev["pairs"] if ev else None,
                "eval_accuracy": ev["correct"] / ev["pairs"] if ev else None,
-               "noise_ceiling": noise_ceiling(cfg.data, rows)}
+               "noise_ceiling": noise_ceiling(cfg.data, train_rows + eval_rows)}
     if known_flips:
         metrics["eval_accuracy_clean"] = ev["clean"] / ev["pairs"]
         metrics["eval_noise_ceiling"] = 1.0 - sum(flips) / len(flips)

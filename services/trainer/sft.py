@@ -20,7 +20,7 @@ import torch
 
 from services.trainer import data as D
 from services.trainer import distributed, formats
-from services.trainer.config import ConfigError, SFTConfig
+from services.trainer.config import SFTConfig
 from services.trainer.distributed import Dist
 from services.trainer import supervised
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
@@ -48,21 +48,13 @@ def _batch(examples, idx, pad_id, device):
     return ids.to(device), labels.to(device), attention_mask.to(device)
 
 
-def train_sft(cfg: SFTConfig, d: Dist | None = None, progress: bool = True) -> dict:
+def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
     """Fine-tune the causal LM cfg.model on cfg.data; write a Hugging Face directory to cfg.out.
     Returns the metrics also written to out/training_meta.json."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
     t0 = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token: a response could never end")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    rows = formats.load_rows(cfg.data, cfg.columns, cfg.data_split)
-    train_rows, eval_rows = D.split_train_eval(rows, cfg.eval_fraction, cfg.seed)
+    d, tokenizer, pad_id, train_rows, eval_rows = supervised.prepare(cfg, d)
     train, truncated = formats.sft_examples(tokenizer, train_rows, cfg.max_length, cfg.data)
     if truncated:
         log.warning("%d of %d training examples are longer than max_length %d and were cut",

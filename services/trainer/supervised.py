@@ -35,6 +35,26 @@ class StepResult:
     sums: dict[str, float]  # local sums to report, e.g. {"nll": ..., "tokens": ...}
 
 
+def prepare(cfg: Supervised, d: Dist | None) -> tuple[Dist, object, int, list[dict], list[dict]]:
+    """What both jobs do first: join the process group, seed, load the tokenizer (it must have an
+    EOS: a response could never end), read the data set and split it. Returns (d, tokenizer,
+    pad id, train rows, eval rows)."""
+    from transformers import AutoTokenizer
+
+    from services.trainer.data import split_train_eval
+    from services.trainer.formats import load_rows
+
+    d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
+    torch.manual_seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model: the tokenizer in {cfg.model} has no EOS token: a response could never end")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, eval_rows = split_train_eval(load_rows(cfg.data, cfg.columns, cfg.data_split), cfg.eval_fraction,
+                                             cfg.seed)
+    return d, tokenizer, pad_id, train_rows, eval_rows
+
+
 def fit(model: torch.nn.Module, cfg: Supervised, d: Dist, *, lengths: list[int],
         step: Callable[[list[int], int], StepResult], show: Callable[[dict[str, float]], dict[str, float]],
         desc: str) -> dict:

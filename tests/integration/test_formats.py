@@ -73,7 +73,7 @@ def test_every_sft_format_in_every_storage_form_trains(tmp_path, tiny_policy_dir
     from services.trainer.sft import train_sft
     data = store(SFT_ROWS[fmt], tmp_path / "data", storage)
     meta = train_sft(SFTConfig(model=str(tiny_policy_dir), data=data, out=str(tmp_path / "out"), max_steps=1,
-                               batch_size=4, eval_fraction=0.0, device="cpu"), d, progress=False)
+                               batch_size=4, eval_fraction=0.0, device="cpu"), d)
     assert meta["train_examples"] == 4 and meta["steps"] == 1 and meta["train_loss"] > 0
     assert (tmp_path / "out" / "model.safetensors").exists()
 
