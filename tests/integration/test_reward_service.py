@@ -410,13 +410,13 @@ def _pair(prompt, response):
 
 
 @pytest.mark.parametrize("request_kw, code, words", [
-    (dict(pairs=[]), "INVALID_ARGUMENT", ["pairs", f"--max-pairs"]),
+    (dict(pairs=[]), "INVALID_ARGUMENT", ["pairs", "--max-pairs"]),
     (dict(pairs=[("", "x")]), "INVALID_ARGUMENT", ["pairs[0].prompt.text", "must not be empty"]),
     (dict(pairs=[("x", "")]), "INVALID_ARGUMENT", ["pairs[0].response.text", "must not be empty"]),
     (dict(pairs=[("x", "y" * (MAX_TEXT_BYTES + 1))]), "INVALID_ARGUMENT",
      ["pairs[0].response.text", f"--max-text-bytes={MAX_TEXT_BYTES}"]),
     (dict(pairs=[("x", "y")], truncation=7), "INVALID_ARGUMENT", ["truncation", "got 7"]),
-    (dict(pairs=[("x", "y")] * (MAX_PAIRS + 1)), "INVALID_ARGUMENT", ["pairs", f"--max-pairs", str(MAX_PAIRS + 1)]),
+    (dict(pairs=[("x", "y")] * (MAX_PAIRS + 1)), "INVALID_ARGUMENT", ["pairs", "--max-pairs", str(MAX_PAIRS + 1)]),
     (dict(pairs=[("x", [5, 10**6])]), "INVALID_ARGUMENT", ["pairs[0].response.token_ids.ids[1]", "vocabulary"]),
     (dict(pairs=[("x", "y")], request_id="r" * 129), "INVALID_ARGUMENT", ["request_id", "128"]),
 ])

@@ -74,8 +74,8 @@ def test_cores_load_no_transport_when_imported():
     """Importing every core loads neither grpc nor protobuf nor the contracts, through any of
     their own imports either."""
     code = ("import sys; " + "; ".join(f"import {m}" for m in CORES) +
-            f"; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'rlhf') "
-            f"or m.startswith('google.protobuf')); assert not bad, bad")
+            "; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'rlhf') "
+            "or m.startswith('google.protobuf')); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
