@@ -50,7 +50,8 @@ def load_reward_model(path, device="cpu", dtype=None):
 
 def pad_batch(batch: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, attention_mask). Right padding: with causal attention the real
-    tokens never see the padding, so a padded pair scores as it would alone."""
+    tokens never see the padding, so a padded pair scores as it would alone. (SFT pads its
+    labels with it too, with -100.)"""
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

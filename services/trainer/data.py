@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 
-import torch
 
 from services.common.errors import InvalidArgument
 
@@ -21,15 +20,6 @@ def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list,
     if n_eval >= len(rows):
         raise InvalidArgument(f"eval_fraction {eval_fraction} leaves no training examples out of {len(rows)}")
     return rows[n_eval:], rows[:n_eval]
-
-
-def pad_right(seqs: list[list[int]], pad_value: int) -> torch.Tensor:
-    """[len(seqs), longest] long tensor, right-padded with pad_value."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), pad_value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from services.reward.model import pad_batch
 from services.trainer import data as D
 from services.trainer import distributed, formats
 from services.trainer.config import SFTConfig
@@ -42,10 +43,9 @@ def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, i
 
 def _batch(examples, idx, pad_id, device):
     """Right-padded (input_ids, labels, attention_mask) for the examples at idx."""
-    ids = D.pad_right([examples[i][0] for i in idx], pad_id)
-    labels = D.pad_right([examples[i][1] for i in idx], D.IGNORE_INDEX)
-    attention_mask = D.pad_right([[1] * len(examples[i][0]) for i in idx], 0)
-    return ids.to(device), labels.to(device), attention_mask.to(device)
+    ids, attention_mask = pad_batch([examples[i][0] for i in idx], pad_id, device)
+    labels, _ = pad_batch([examples[i][1] for i in idx], D.IGNORE_INDEX, device)
+    return ids, labels, attention_mask
 
 
 def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
