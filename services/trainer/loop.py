@@ -299,6 +299,11 @@ def make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: i
     """Everything the update needs, computed with the weights of the step's start. Each rank runs
     the forward passes of its rows; the results are gathered, and the rest is computed on the
     whole batch, identically on every rank."""
+    with distributed.autocast(d):
+        return _make_experience(state, rollout, config, pad_id, d)
+
+
+def _make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: int, d: Dist) -> Experience:
     cfg, T = config.ppo, config.rollout.temperature
     batch = Batch.of(rollout.samples, pad_id, d.device)
     mine, chunk = d.rows(len(batch)), cfg.minibatch_size // d.world_size
@@ -365,7 +370,8 @@ def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dic
             normalizer = loss_normalizer(mask[minibatch], cfg.loss_agg)  # over every rank's rows
             tokens = mask[minibatch].sum()
 
-            new_logprobs, logits = policy_forward(state.policy, local, T)
+            with distributed.autocast(d):
+                new_logprobs, logits = policy_forward(state.policy, local, T)
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                        local_mask, cfg.clip, loss_agg=cfg.loss_agg,
                                                        normalizer=normalizer,
@@ -382,7 +388,8 @@ def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dic
                 loss = loss + state.kl_ctl.value * kl_loss
             vf_loss = torch.zeros(())
             if state.value is not None:
-                new_values = value_forward(state.value, local)
+                with distributed.autocast(d):
+                    new_values = value_forward(state.value, local)
                 vf_loss, _ = value_loss(new_values, exp.values[rows], exp.returns[rows], local_mask, cfg.value_clip,
                                         normalizer=tokens)
                 loss = loss + cfg.vf_coef * vf_loss

@@ -67,9 +67,10 @@ def fit(model: torch.nn.Module, cfg: Supervised, d: Dist, *, lengths: list[int],
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(max(1, round(cfg.warmup_ratio * total_steps)), total_steps, cfg.schedule))
-    log.info("%s: %d examples, %d steps (%.2f epochs x %d), batch %d over %d rank(s), lr %g, %s %s", desc,
-             len(lengths), total_steps, cfg.epochs, steps_per_epoch, cfg.batch_size, d.world_size, cfg.lr, d.device,
-             str(d.dtype).removeprefix("torch."))
+    log.info("%s: %d examples, %d steps (%.2f epochs x %d), batch %d over %d rank(s), lr %g, rank %d on %s, "
+             "compute %s, %.1f MB of parameters here", desc, len(lengths), total_steps, cfg.epochs, steps_per_epoch,
+             cfg.batch_size, d.world_size, cfg.lr, d.rank, d.device, str(d.dtype).removeprefix("torch."),
+             distributed.local_bytes(model) / 1e6)
 
     rng = random.Random(cfg.seed)  # the same batches on every rank
     done, averages = 0, {}
@@ -81,7 +82,8 @@ def fit(model: torch.nn.Module, cfg: Supervised, d: Dist, *, lengths: list[int],
             rows = idx[d.rank::d.world_size]
             # A last batch smaller than the world leaves a rank without rows: it still runs a
             # forward and backward (FSDP's gathers need every rank), on a row weighted 0.
-            result = step(rows or idx[:1], len(idx))
+            with distributed.autocast(d):
+                result = step(rows or idx[:1], len(idx))
             (result.loss if rows else 0.0 * result.loss).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -108,7 +110,9 @@ def evaluate(model: torch.nn.Module, order: Iterable[int], batch_size: int, d: D
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         rows = idx[d.rank::d.world_size]
-        for key, value in forward(rows or idx[:1]).items():
+        with distributed.autocast(d):
+            sums = forward(rows or idx[:1])
+        for key, value in sums.items():
             totals[key] = totals.get(key, 0.0) + (value if rows else 0.0)
     model.train()
     if not totals:

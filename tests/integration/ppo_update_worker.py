@@ -4,7 +4,7 @@ Used by test_trainer_distributed.py: the same global batch and seed at N = 1 and
 the same parameters. Writes rank 0's full policy and value parameters, the update's statistics
 and the full optimizer state to OUT/params.pt.
 
-    python tests/integration/ppo_update_worker.py SFT_DIR REWARD_DIR OUT OPTIMIZER [save|load|update] [ADVANTAGE]
+    python tests/integration/ppo_update_worker.py SFT_DIR REWARD_DIR OUT OPTIMIZER [save|load|update] [ADVANTAGE] [DTYPE]
 
 With `save` the state after the update is checkpointed in OUT; with `load` the update is skipped
 and the state is loaded from the checkpoint in OUT instead (at whatever world size this runs).
@@ -49,6 +49,7 @@ def main() -> None:
     sft, reward, out, optimizer = sys.argv[1:5]
     action = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] != "update" else ""
     advantage = sys.argv[6] if len(sys.argv) > 6 else "gae"
+    dtype = sys.argv[7] if len(sys.argv) > 7 else "float32"
     group = 1 if advantage in ("gae", "reinforce_pp") else 2
     out = pathlib.Path(out)
     prompts = out / "prompts.jsonl"
@@ -59,7 +60,7 @@ def main() -> None:
         prompts=str(prompts), out=str(out), device="cpu", seed=3,
         rollout=dict(batch_size=16 // group, n=group),
         ppo=dict(epochs=2, minibatch_size=8, lr=1e-4, beta=0.1, max_grad_norm=1e9, advantage=advantage)))
-    d = distributed.init("cpu", "float32")
+    d = distributed.init("cpu", dtype)
     state = PPOState.build(config, d)
     if optimizer == "sgd":  # the update is then the gradient itself: equal parameters mean equal gradients
         state.policy_opt = torch.optim.SGD(state.policy.parameters(), lr=1e-3)

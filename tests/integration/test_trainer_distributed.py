@@ -110,6 +110,23 @@ def test_a_critic_free_update_on_two_ranks_equals_one_rank_and_its_checkpoint_re
         assert torch.equal(saved["params"][name], loaded["params"][name]), name
 
 
+def test_bf16_compute_keeps_fp32_parameters_on_one_rank_and_on_two(tmp_path, tied_policy_dir, tiny_reward_dir):
+    """dtype bfloat16: autocast on one rank, FSDP's MixedPrecisionPolicy on two; the parameters
+    (the optimizer's master copy) stay fp32, and the update is the fp32 one within bf16's precision
+    (~3 significant digits; a forgotten cast or a bf16 master copy is off by far more)."""
+    fp32 = torch.load(_run(tmp_path / "fp32", tied_policy_dir, tiny_reward_dir, 1, "float32"))
+    start = initial(tied_policy_dir, tiny_reward_dir)
+    for n in (1, 2):
+        bf16 = torch.load(_run(tmp_path / f"bf16-{n}", tied_policy_dir, tiny_reward_dir, n, "bfloat16"))
+        assert {t.dtype for t in bf16["params"].values()} == {torch.float32}
+        assert_same_update(fp32["params"], bf16["params"], start, 0.25)
+
+
+def _run(out, policy_dir, reward_dir, nproc: int, dtype: str):
+    torchrun(nproc, str(WORKER), str(policy_dir), str(reward_dir), str(out), "sgd", "update", "gae", dtype)
+    return out / f"params-update-{nproc}.pt"
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     from services.demo.data import write_demo_data
