@@ -122,3 +122,17 @@ class ChildServer:
 
     def __exit__(self, *exc) -> None:
         self.terminate()
+
+
+def pin(pid: int, cpus: list[int], children: bool = True) -> None:
+    """Every thread of a process (and of its children) on `cpus`. sched_setaffinity moves one
+    thread: a process's thread pools (torch's, vLLM's engine core) keep the CPUs they had."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [root, *(root.children(recursive=True) if children else [])]:
+        try:
+            for thread in proc.threads():
+                os.sched_setaffinity(thread.id, cpus)
+        except (psutil.Error, OSError):  # gone, or a thread that ended meanwhile
+            pass

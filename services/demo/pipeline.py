@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -68,37 +69,30 @@ def ppo_config(out: pathlib.Path, *, policy: str, reward: str, models: pathlib.P
 
 @contextlib.contextmanager
 def deployed_layout(apply: bool, servers):
-    """For one_step_off: generation (the services) on CPU 0, training (this process, one torch
-    thread) on CPU 1, as on a GPU node where they run on different devices. On 2 shared cores
+    """For one_step_off: generation (the services) on one CPU, training (this process, one torch
+    thread) on another, as on a GPU node where they run on different devices. On 2 shared cores
     the two compute-bound halves would otherwise slow each other down instead of overlapping
     (docs/training.md has the figures). Does nothing with fewer than 2 CPUs."""
-    import psutil
     import torch
 
-    me, cpus = psutil.Process(), psutil.Process().cpu_affinity()
+    from services.demo.launch import pin
+
+    cpus = sorted(os.sched_getaffinity(0))
     if not apply or len(cpus) < 2:
         yield
         return
     threads = torch.get_num_threads()
-
-    def pin(proc, where):
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                p.cpu_affinity(where)
-            except psutil.Error:
-                pass
-
     for server in servers:
-        pin(psutil.Process(server.pid), cpus[:1])
-    me.cpu_affinity(cpus[1:2])
+        pin(server.pid, cpus[:1])
+    pin(os.getpid(), cpus[1:2], children=False)
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        me.cpu_affinity(cpus)
+        pin(os.getpid(), cpus, children=False)
         torch.set_num_threads(threads)
         for server in servers:
-            pin(psutil.Process(server.pid), cpus)
+            pin(server.pid, cpus)
 
 
 def stage(n: int, total: int, what: str) -> float:
