@@ -44,6 +44,9 @@ class _Rpc:
         self.code = grpc.StatusCode.OK
         STARTED.labels(*self.labels).inc()
 
+    def __str__(self) -> str:
+        return f"{self.labels[1]}/{self.labels[2]} ({time.perf_counter() - self.start:.1f} s)"
+
     async def fail(self, exc: BaseException, context) -> None:
         """Record why the call ended; for our own exceptions, abort with the mapped status."""
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
@@ -68,7 +71,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self.ready = False
         # Set on SIGTERM: new RPCs get UNAVAILABLE while the ones in flight finish.
         self.draining = False
-        self.in_flight = 0
+        self.active: set[_Rpc] = set()  # the calls being handled (the drain waits for them)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.active)
 
     def _authorized(self, service: str, metadata) -> bool:
         if self._expected is None or service in OPEN_SERVICES:
@@ -179,14 +186,14 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
 
         async def call(request, context):
             rpc = _Rpc(grpc_type, service, method)
-            owner.in_flight += 1
+            owner.active.add(rpc)
             try:
                 return await behavior(check(request), context)
             except BaseException as exc:
                 await rpc.fail(exc, context)
                 raise
             finally:
-                owner.in_flight -= 1
+                owner.active.discard(rpc)
                 rpc.done(context)
 
         make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
@@ -196,7 +203,7 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
 
     async def stream(request, context):
         rpc = _Rpc(grpc_type, service, method)
-        owner.in_flight += 1
+        owner.active.add(rpc)
         try:
             async for response in behavior(check(request), context):
                 yield response
@@ -204,7 +211,7 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
             await rpc.fail(exc, context)
             raise
         finally:
-            owner.in_flight -= 1
+            owner.active.discard(rpc)
             rpc.done(context)
 
     make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler

@@ -41,6 +41,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FATAL_GRACE_S = 2.0  # after a fatal failure: long enough for calls in flight to get their error
 EXIT_FATAL = 1
+STOP_GRACE_S = 1.0  # for grpc's own stop, once the RPCs we handle have finished (see serve())
 
 BUILD_INFO = prometheus_client.Gauge("rlhf_build_info", "Always 1; the labels say what runs.",
                                      ["service", "version", "python_version", "grpc_version"])
@@ -184,7 +185,15 @@ async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | Non
     await asyncio.sleep(0.1)
     while interceptor.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.02)
-    await server.stop(max(0.0, deadline - loop.time()))
+    if interceptor.in_flight:
+        log.warning("%d RPCs still running after the %.0f s grace period, cancelled: %s", interceptor.in_flight,
+                    grace, ", ".join(sorted(map(str, interceptor.active))))
+    # What is left is not ours to wait for: health Watch streams (a kubelet, a load balancer or
+    # a client-side health check keeps one open for as long as we let it) and refusals on their
+    # way out. A stream left open held the exit for the whole grace period.
+    started = loop.time()
+    await server.stop(min(STOP_GRACE_S, max(0.0, deadline - loop.time())))
+    log.debug("grpc server stopped in %.2f s", loop.time() - started)
     await servicer.stop()
     log.info("%s stopped", servicer.service_name)
     return exit_code

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import enum
 import pathlib
 import threading
+import time
 
 from services.trainer.metrics import StepMetrics
 
@@ -150,3 +152,14 @@ class Control:
             return Status(self.phase, self.history[-1].step if self.history else 0, self.total_steps,
                           self.weight_version, list(self.replicas), self.history[-1] if self.history else None,
                           self.paused, self.message)
+
+
+@contextlib.contextmanager
+def phase(seconds: dict[str, float], p: Phase, control: Control):
+    """Time one phase of the step and show it in GetStatus."""
+    control.set_phase(p)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[p.value] = seconds.get(p.value, 0.0) + time.perf_counter() - start

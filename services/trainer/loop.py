@@ -3,7 +3,7 @@
 One step, top to bottom (InstructGPT's recipe, CleanRL's layout):
 
     launch_rollout()   draw the step's prompts; Generate (rollout.n each) on the policy replicas,
-                       Score on the reward service
+                       Score on the reward service (services.trainer.collect)
     finish_rollout()   wait for it, gather every rank's share
     make_experience()  logprobs of the policy and the frozen reference, values -> per-token KL
                        penalty + score at the last token -> advantages (GAE, or critic-free:
@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
-import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -45,16 +42,18 @@ from tqdm import tqdm
 
 from services.common.config import ClientConfig, ServerConfig
 from services.trainer import checkpoint, distributed, formats, metrics
+from services.trainer.collect import PendingRollout, abandon, finish_rollout, launch_rollout
 from services.trainer.config import Config, ConfigError, dump
-from services.trainer.control import Checkpoint, Control, Phase
+from services.trainer.control import Checkpoint, Control, Phase, phase
 from services.trainer.distributed import Dist
-from services.trainer.experience import Batch, Experience, Rollout, Sample, policy_forward, value_forward
+from services.trainer.experience import Batch, Experience, Rollout, policy_forward, value_forward
 from services.trainer.metrics import StepMetrics
-from services.trainer.ppo import (KL_ESTIMATORS, AdaptiveKLController, FixedKLController, aggregate,
-                                  entropy_from_logits, gae, grpo_advantages, loss_normalizer, masked_mean,
-                                  masked_whiten, per_token, policy_loss, reinforce_pp_advantages, rloo_advantages,
-                                  shape_rewards, truncated_is_weights, value_loss)
+from services.trainer.ppo import (KL_ESTIMATORS, aggregate, entropy_from_logits, gae, grpo_advantages,
+                                  loss_normalizer, masked_mean, masked_whiten, per_token, policy_loss,
+                                  reinforce_pp_advantages, rloo_advantages, shape_rewards, truncated_is_weights,
+                                  value_loss)
 from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, RequestRefused, Scorer, Stopped
+from services.trainer.state import PPOState
 
 log = logging.getLogger(__name__)
 
@@ -62,232 +61,7 @@ log = logging.getLogger(__name__)
 MAX_VERSION = 2**63 - 1
 
 
-class Prompts:
-    """The train prompts (strings or conversations) in a seeded order per epoch; the position is
-    checkpointed."""
-
-    def __init__(self, path: str, seed: int, columns: dict[str, str] | None = None, split: str = "train"):
-        self.prompts = formats.prompts(formats.load_rows(path, columns, split), path)
-        if not self.prompts:
-            raise ConfigError(f"prompts: {path} holds no train prompts")
-        self.seed, self.epoch, self.index = seed, 0, 0
-
-    def next(self, n: int) -> list[str | list[dict]]:
-        out = []
-        while len(out) < n:
-            order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.prompts))
-            take = order[self.index:self.index + n - len(out)]
-            out += [self.prompts[i] for i in take]
-            self.index += len(take)
-            if self.index >= len(self.prompts):
-                self.epoch, self.index = self.epoch + 1, 0
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = state["epoch"], state["index"]
-
-
-@dataclasses.dataclass
-class PPOState:
-    """What a checkpoint holds: the trained models and their optimizers and schedulers, the frozen
-    reference, the KL controller, the prompt position, the step and the weight version. The value
-    model and its optimizer exist only with a critic (ppo.advantage gae)."""
-    policy: torch.nn.Module
-    reference: torch.nn.Module
-    policy_opt: torch.optim.Optimizer
-    policy_sched: torch.optim.lr_scheduler.LRScheduler
-    kl_ctl: FixedKLController | AdaptiveKLController
-    prompts: Prompts
-    value: torch.nn.Module | None = None
-    value_opt: torch.optim.Optimizer | None = None
-    value_sched: torch.optim.lr_scheduler.LRScheduler | None = None
-    step: int = 0
-    version: int = 0
-    history: list[StepMetrics] = dataclasses.field(default_factory=list)
-    prompts_in_flight: dict | None = None  # the prompt position before a rollout that is not trained on yet
-
-    @classmethod
-    def build(cls, config: Config, d: Dist) -> "PPOState":
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        cfg = config.ppo
-        warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
-        policy = distributed.load_model(AutoModelForCausalLM, config.sft_model, d)
-        reference = distributed.load_model(AutoModelForCausalLM, config.sft_model, d, trainable=False)
-        policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=1e-5)
-        kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
-                  else FixedKLController(cfg.beta))
-        state = cls(policy, reference, policy_opt, torch.optim.lr_scheduler.LambdaLR(policy_opt, warmup), kl_ctl,
-                    Prompts(config.prompts, config.seed, config.columns, config.data_split))
-        if config.critic:
-            state.value = distributed.load_model(AutoModelForSequenceClassification, config.reward_model, d,
-                                                 num_labels=1)
-            state.value_opt = torch.optim.AdamW(state.value.parameters(), lr=cfg.value_lr or 10 * cfg.lr, eps=1e-5)
-            state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, warmup)
-        return state
-
-    def trained(self) -> dict:
-        models = {"policy": (self.policy, self.policy_opt)}
-        if self.value is not None:
-            models["value"] = (self.value, self.value_opt)
-        return models
-
-    def schedulers(self) -> dict:
-        return {name: sched for name, sched in (("policy_sched", self.policy_sched), ("value_sched", self.value_sched))
-                if sched is not None}
-
-    def scalars(self) -> dict:
-        return dict(**{k: v.state_dict() for k, v in self.schedulers().items()}, kl_ctl=self.kl_ctl.state_dict(),
-                    prompts=self.prompts_in_flight or self.prompts.state_dict(), weight_version=self.version,
-                    history=[m.to_json() for m in self.history])
-
-    def save(self, out: pathlib.Path, tokenizer, d: Dist) -> pathlib.Path:
-        return checkpoint.save(out, self.step, d, trained=self.trained(), state=self.scalars(),
-                               export=lambda path: distributed.export_hf(self.policy, tokenizer, path, d))
-
-    def load(self, path: pathlib.Path, d: Dist) -> None:
-        state = checkpoint.load(path, d, trained=self.trained())
-        for name, sched in self.schedulers().items():
-            sched.load_state_dict(state[name])
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.prompts.load_state_dict(state["prompts"])
-        self.step, self.version = state["step"], state["weight_version"]
-        self.history = [StepMetrics(**m) for m in state["history"]]
-
-
-@contextlib.contextmanager
-def phase(seconds: dict[str, float], p: Phase, control: Control):
-    """Time one phase of the step and show it in GetStatus."""
-    control.set_phase(p)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        seconds[p.value] = seconds.get(p.value, 0.0) + time.perf_counter() - start
-
-
 # ---- the step ------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Share:
-    """What this rank's share of a rollout came to: a PromptResult per prompt (None where it
-    failed: generated again when the rollout is finished), the scores of the completions, and
-    how long generating and scoring took."""
-    results: list
-    scores: dict[tuple[int, int], tuple[float, dict[str, float]]]  # (prompt, completion) -> score, components
-    generate_seconds: float = 0.0
-    score_seconds: float = 0.0
-
-
-@dataclasses.dataclass
-class PendingRollout:
-    """A rollout on its way: the prompts are drawn; this rank's share is generated and scored
-    in the background (one_step_off) or when the rollout is finished (sync)."""
-    prompts: list[str]
-    mine: list[int]  # this rank's prompts
-    prompt_ids: list[list[int]]  # of this rank's prompts
-    sampling: dict
-    run: functools.partial  # -> Share
-    future: concurrent.futures.Future | None = None
-    launched: float = dataclasses.field(default_factory=time.perf_counter)
-
-
-def score_share(scorer: Scorer, config: Config, prompts: list[str], results: list, which: list[int]) -> dict:
-    """Scores of the non-empty completions of the prompts `which` (an empty answer has nothing to score)."""
-    keys = [(j, c.index) for j in which for c in results[j].completions if c.text.strip()]
-    texts = {(j, c.index): c.text for j in which for c in results[j].completions}
-    scored = scorer.score([(prompts[j], texts[(j, k)]) for j, k in keys],
-                          normalize=config.ppo.normalize_scores) if keys else []
-    return {key: (r.score, dict(r.components)) for key, r in zip(keys, scored)}
-
-
-def run_share(replicas: PolicyReplicas, scorer: Scorer, config: Config, prompts: list[str], prompt_ids, sampling,
-              version: int) -> Share:
-    """Generate and score this rank's prompts once, against the replicas serving `version`. No
-    collective: it may run in a background thread while the main thread trains."""
-    start = time.perf_counter()
-    results: list = [None] * len(prompt_ids)
-    replicas.generate(prompt_ids, sampling, list(range(len(prompt_ids))), results, version=version)
-    generated = time.perf_counter()
-    scores = score_share(scorer, config, prompts, results, [j for j, r in enumerate(results) if r is not None])
-    return Share(results, scores, generated - start, time.perf_counter() - generated)
-
-
-def launch_rollout(state: PPOState, config: Config, replicas: PolicyReplicas, scorer: Scorer, tokenizer, d: Dist,
-                   pool: concurrent.futures.Executor | None) -> PendingRollout:
-    """Draw the next prompts and start this rank's share (in `pool`, or later when finished)."""
-    state.prompts_in_flight = state.prompts.state_dict()  # a checkpoint taken meanwhile redraws these prompts
-    prompts = state.prompts.next(config.rollout.batch_size)
-    mine = d.rows(len(prompts))
-    mine_prompts = [prompts[i] for i in mine]
-    prompt_ids = [tokenizer(formats.render_prompt(tokenizer, p), add_special_tokens=False).input_ids
-                  for p in mine_prompts]
-    sampling = dict(n=config.rollout.n, max_tokens=config.rollout.max_tokens, temperature=config.rollout.temperature,
-                    top_p=config.rollout.top_p, logprobs=True)
-    run = functools.partial(run_share, replicas, scorer, config, mine_prompts, prompt_ids, sampling, replicas.version)
-    return PendingRollout(prompts, mine, prompt_ids, sampling, run, pool.submit(run) if pool else None)
-
-
-def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, replicas: PolicyReplicas,
-                   scorer: Scorer, d: Dist, seconds: dict, control: Control, sync) -> Rollout:
-    """Wait for every rank's share, generate again what failed (after resyncing the replicas),
-    and gather the samples on every rank: in prompt order, the rollout.n completions of a prompt
-    (its group) next to each other."""
-    mine_prompts = [pending.prompts[i] for i in pending.mine]
-    with phase(seconds, Phase.GENERATING, control):
-        waited = time.perf_counter()
-        share = distributed.agree(lambda: pending.future.result() if pending.future else pending.run(), d,
-                                  (DependencyDown, Stopped, RequestRefused))[d.rank]
-        waited = time.perf_counter() - waited
-        failed = [j for j, r in enumerate(share.results) if r is None]
-        if distributed.all_max([bool(failed)], d)[0]:
-            again = replicas.generate_all([pending.prompt_ids[j] for j in failed], pending.sampling, sync)
-            for j, r in zip(failed, again):
-                share.results[j] = r
-    with phase(seconds, Phase.SCORING, control):
-        share.scores |= distributed.agree(lambda: score_share(scorer, config, mine_prompts, share.results, failed), d,
-                                          (DependencyDown, Stopped, RequestRefused))[d.rank]
-    state.prompts_in_flight = None
-    if pending.future is None:  # sync: the time was spent here, in these phases
-        seconds[Phase.GENERATING.value] = seconds.get(Phase.GENERATING.value, 0.0) - waited + share.generate_seconds
-        seconds[Phase.SCORING.value] = seconds.get(Phase.SCORING.value, 0.0) + share.score_seconds
-
-    # Never train on completions sampled by weights further behind than services.max_staleness:
-    # they leave the batch here, counted, as do empty answers (nothing was scored).
-    version, staleness = replicas.version, config.services.max_staleness
-    groups, stale, empty, tokens = [], 0, 0, 0
-    for j, result in enumerate(share.results):
-        group = []
-        for c in result.completions:
-            tokens += len(c.token_ids)
-            if not 0 <= version - c.weight_version <= staleness:
-                stale += 1
-            elif (j, c.index) not in share.scores:
-                empty += 1
-            else:
-                score, components = share.scores[(j, c.index)]
-                group.append(Sample(mine_prompts[j], pending.prompt_ids[j], list(c.token_ids), c.text,
-                                    list(c.logprobs), c.finish_reason, c.weight_version, score, components))
-        groups.append(group)
-    parts = distributed.all_gather_object((groups, tokens, stale, empty, share.generate_seconds + share.score_seconds))
-    groups = [g for g in distributed.interleave([p[0] for p in parts]) if g]
-    # Whole minibatches only (each split evenly over the ranks), cut at group boundaries when the
-    # estimator compares a group's completions; what is cut is counted too.
-    total, M = sum(map(len, groups)), config.ppo.minibatch_size
-    if config.ppo.advantage in ("grpo", "rloo"):
-        while sum(map(len, groups)) % M:
-            groups.pop()
-    else:
-        samples = [s for g in groups for s in g]
-        groups = [[s] for s in samples[:len(samples) - len(samples) % M]]
-    return Rollout([s for g in groups for s in g], pending.prompts, generated_tokens=sum(p[1] for p in parts),
-                   group_sizes=[len(g) for g in groups], dropped_stale=sum(p[2] for p in parts),
-                   dropped_empty=sum(p[3] for p in parts), dropped_trim=total - sum(map(len, groups)),
-                   rollout_seconds=max(p[4] for p in parts), waited_seconds=waited)
-
 
 def forward_rows(fn, batch: Batch, rows: list[int], chunk: int) -> torch.Tensor:
     """fn(batch.rows(...)) over `rows` in chunks of `chunk` rows, concatenated ([len(rows), R])."""
@@ -449,13 +223,6 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
 
 
 # ---- between steps -------------------------------------------------------------------------
-
-def abandon(pending: PendingRollout | None) -> None:
-    """A rollout the run will not train on (it stops): its prompts are drawn again after a resume
-    (PPOState.prompts_in_flight), its completions are dropped."""
-    if pending is not None and pending.future is not None:
-        pending.future.cancel()
-
 
 def between_steps(control: Control, d: Dist, stop: threading.Event, save, replicas: PolicyReplicas) -> bool:
     """Checkpoints asked for over TrainerService, a pause, a stop: decided on rank 0 (a stop on

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from services.policy.client import PolicyClient
-from services.trainer.loop import Prompts
+from services.trainer.state import Prompts
 
 from ppo_harness import AUTH, policy_server, read_metrics, reward_server, start_trainer, wait_for, write_config
 

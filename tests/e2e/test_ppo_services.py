@@ -82,7 +82,7 @@ def test_two_replicas_survive_kill_9_and_trainer_service_controls_the_run(stack,
 
 
 def test_trainer_killed_and_resumed_continues_at_the_saved_step(stack, tmp_path):
-    from services.trainer.loop import Prompts
+    from services.trainer.state import Prompts
     out = tmp_path / "run"
     config = write_config(tmp_path / "ppo.yaml", stack, out, steps=6, checkpoint_every=2)
     proc, _ = start_trainer(config, tmp_path / "trainer.log")
@@ -177,7 +177,7 @@ def test_one_step_off_stopped_and_resumed_neither_repeats_nor_skips_a_prompt_bat
     prompts are drawn again after the resume."""
     import hashlib
 
-    from services.trainer.loop import Prompts
+    from services.trainer.state import Prompts
     out, log = tmp_path / "run", tmp_path / "trainer.log"
     config = write_config(tmp_path / "ppo.yaml", stack, out, steps=6, checkpoint_every=0, **ONE_STEP_OFF)
     proc, _ = start_trainer(config, log)

@@ -21,7 +21,8 @@ import torch
 from services.trainer import checkpoint, distributed
 from services.trainer.config import Config
 from services.trainer.experience import Rollout, Sample
-from services.trainer.loop import PPOState, make_experience, ppo_update
+from services.trainer.loop import make_experience, ppo_update
+from services.trainer.state import PPOState
 
 
 def fixed_rollout(vocab: int, n: int = 16, seed: int = 0, group: int = 1) -> Rollout:

@@ -18,7 +18,7 @@ from services.common.channel import create_channel
 from services.common.config import ClientConfig
 from services.demo.launch import ChildServer, free_port, health_status, rlhf_command
 from services.policy.client import PolicyClient
-from services.trainer.loop import Prompts
+from services.trainer.state import Prompts
 
 from reliability_common import POLICY, REWARD, TRAINER, record, server_env
 

@@ -70,3 +70,48 @@ def test_a_fatal_failure_turns_health_not_serving_and_exits_non_zero():
     assert took < FATAL_GRACE_S + 2, f"{took:.1f} s: neither the 30 s linger nor the 60 s grace should apply"
     serving = statuses.index(health_pb2.HealthCheckResponse.SERVING)
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses[serving + 1:], statuses
+
+
+class IdleServicer(FailingServicer):
+    service_name = "test.v1.IdleService"
+
+    async def fatal(self) -> str:
+        await asyncio.Event().wait()  # never fails
+        return ""
+
+
+def test_a_health_watch_left_open_does_not_hold_the_drain():
+    """A kubelet or a client-side health check keeps a Watch open; with nothing else in flight,
+    SIGTERM's drain must not wait the whole grace period for it (it waited 10 s of 10 in CI)."""
+    async def main():
+        stop = asyncio.Event()
+        cfg = ServerConfig(host="127.0.0.1", port=free_port(), grace_seconds=30, drain_linger_s=0)
+        serving = asyncio.ensure_future(serve(cfg, IdleServicer(), stop=stop))
+        statuses: list[int] = []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cfg.port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=IdleServicer.service_name))
+
+            async def follow():  # reads every status and never cancels
+                try:
+                    async for reply in watch:
+                        statuses.append(reply.status)
+                except grpc.aio.AioRpcError:
+                    pass
+
+            following = asyncio.ensure_future(follow())
+            deadline = time.monotonic() + 30
+            while health_pb2.HealthCheckResponse.SERVING not in statuses:
+                assert time.monotonic() < deadline and not serving.done()
+                await asyncio.sleep(0.02)
+            t0 = time.monotonic()
+            stop.set()
+            code = await asyncio.wait_for(serving, 60)
+            took = time.monotonic() - t0
+            await asyncio.wait_for(following, 10)
+        return code, took, statuses
+
+    code, took, statuses = asyncio.run(main())
+    assert code == 0
+    assert took < 3.0, f"the drain took {took:.1f} s of its 30 s grace with only a health Watch open"
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, statuses

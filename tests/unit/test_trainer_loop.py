@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from services.trainer.config import Config, ConfigError, RMConfig, SFTConfig, load
 from services.trainer.experience import Batch, Sample, policy_forward, value_forward
-from services.trainer.loop import Prompts
+from services.trainer.state import Prompts
 
 
 def sample(prompt_ids, response_ids) -> Sample:

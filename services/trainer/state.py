@@ -1,0 +1,111 @@
+"""What a PPO run carries from step to step, and what its checkpoints hold: the models, their
+optimizers and schedulers, the KL controller, and the position in the prompts."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import torch
+
+from services.trainer import checkpoint, distributed, formats
+from services.trainer.config import Config, ConfigError
+from services.trainer.distributed import Dist
+from services.trainer.metrics import StepMetrics
+from services.trainer.ppo import AdaptiveKLController, FixedKLController
+
+
+class Prompts:
+    """The train prompts (strings or conversations) in a seeded order per epoch; the position is
+    checkpointed."""
+
+    def __init__(self, path: str, seed: int, columns: dict[str, str] | None = None, split: str = "train"):
+        self.prompts = formats.prompts(formats.load_rows(path, columns, split), path)
+        if not self.prompts:
+            raise ConfigError(f"prompts: {path} holds no train prompts")
+        self.seed, self.epoch, self.index = seed, 0, 0
+
+    def next(self, n: int) -> list[str | list[dict]]:
+        out = []
+        while len(out) < n:
+            order = np.random.default_rng(self.seed + self.epoch).permutation(len(self.prompts))
+            take = order[self.index:self.index + n - len(out)]
+            out += [self.prompts[i] for i in take]
+            self.index += len(take)
+            if self.index >= len(self.prompts):
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+
+
+@dataclasses.dataclass
+class PPOState:
+    """What a checkpoint holds: the trained models and their optimizers and schedulers, the frozen
+    reference, the KL controller, the prompt position, the step and the weight version. The value
+    model and its optimizer exist only with a critic (ppo.advantage gae)."""
+    policy: torch.nn.Module
+    reference: torch.nn.Module
+    policy_opt: torch.optim.Optimizer
+    policy_sched: torch.optim.lr_scheduler.LRScheduler
+    kl_ctl: FixedKLController | AdaptiveKLController
+    prompts: Prompts
+    value: torch.nn.Module | None = None
+    value_opt: torch.optim.Optimizer | None = None
+    value_sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    step: int = 0
+    version: int = 0
+    history: list[StepMetrics] = dataclasses.field(default_factory=list)
+    prompts_in_flight: dict | None = None  # the prompt position before a rollout that is not trained on yet
+
+    @classmethod
+    def build(cls, config: Config, d: Dist) -> "PPOState":
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cfg = config.ppo
+        warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
+        policy = distributed.load_model(AutoModelForCausalLM, config.sft_model, d)
+        reference = distributed.load_model(AutoModelForCausalLM, config.sft_model, d, trainable=False)
+        policy_opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=1e-5)
+        kl_ctl = (AdaptiveKLController(cfg.beta, cfg.target_kl, cfg.kl_horizon) if cfg.target_kl
+                  else FixedKLController(cfg.beta))
+        state = cls(policy, reference, policy_opt, torch.optim.lr_scheduler.LambdaLR(policy_opt, warmup), kl_ctl,
+                    Prompts(config.prompts, config.seed, config.columns, config.data_split))
+        if config.critic:
+            state.value = distributed.load_model(AutoModelForSequenceClassification, config.reward_model, d,
+                                                 num_labels=1)
+            state.value_opt = torch.optim.AdamW(state.value.parameters(), lr=cfg.value_lr or 10 * cfg.lr, eps=1e-5)
+            state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, warmup)
+        return state
+
+    def trained(self) -> dict:
+        models = {"policy": (self.policy, self.policy_opt)}
+        if self.value is not None:
+            models["value"] = (self.value, self.value_opt)
+        return models
+
+    def schedulers(self) -> dict:
+        return {name: sched for name, sched in (("policy_sched", self.policy_sched), ("value_sched", self.value_sched))
+                if sched is not None}
+
+    def scalars(self) -> dict:
+        return dict(**{k: v.state_dict() for k, v in self.schedulers().items()}, kl_ctl=self.kl_ctl.state_dict(),
+                    prompts=self.prompts_in_flight or self.prompts.state_dict(), weight_version=self.version,
+                    history=[m.to_json() for m in self.history])
+
+    def save(self, out: pathlib.Path, tokenizer, d: Dist) -> pathlib.Path:
+        return checkpoint.save(out, self.step, d, trained=self.trained(), state=self.scalars(),
+                               export=lambda path: distributed.export_hf(self.policy, tokenizer, path, d))
+
+    def load(self, path: pathlib.Path, d: Dist) -> None:
+        state = checkpoint.load(path, d, trained=self.trained())
+        for name, sched in self.schedulers().items():
+            sched.load_state_dict(state[name])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.prompts.load_state_dict(state["prompts"])
+        self.step, self.version = state["step"], state["weight_version"]
+        self.history = [StepMetrics(**m) for m in state["history"]]
