@@ -46,8 +46,8 @@ class ChildServer:
 
     def __init__(self, argv: list[str], *, port: int, service: str, env: dict | None = None,
                  log_path: str | os.PathLike | None = None, ready_timeout: float = 300.0,
-                 client_config: ClientConfig | None = None, host: str = "127.0.0.1"):
-        self.argv, self.port, self.service = argv, port, service
+                 client_config: ClientConfig | None = None, host: str = "127.0.0.1", cpus: list[int] | None = None):
+        self.argv, self.port, self.service, self.cpus = argv, port, service, cpus
         self.env = {**os.environ, **(env or {})}
         self.log_path, self.ready_timeout = log_path, ready_timeout
         self.client_config = client_config or ClientConfig()
@@ -57,8 +57,11 @@ class ChildServer:
 
     def start(self) -> "ChildServer":
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # On `cpus` from its first instruction: thread pools (torch's, vLLM's OpenMP) size themselves
+        # by the CPUs they see at start, and pinning them later oversubscribes the CPUs left.
+        pin_self = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
         self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=pin_self)
         return self
 
     def wait_ready(self) -> "ChildServer":
@@ -124,15 +127,13 @@ class ChildServer:
         self.terminate()
 
 
-def pin(pid: int, cpus: list[int], children: bool = True) -> None:
-    """Every thread of a process (and of its children) on `cpus`. sched_setaffinity moves one
-    thread: a process's thread pools (torch's, vLLM's engine core) keep the CPUs they had."""
+def pin(pid: int, cpus: list[int]) -> None:
+    """Every thread of a process on `cpus`. sched_setaffinity moves one thread: a process's
+    thread pools (torch's, gRPC's) keep the CPUs they had."""
     import psutil
 
-    root = psutil.Process(pid)
-    for proc in [root, *(root.children(recursive=True) if children else [])]:
+    for thread in psutil.Process(pid).threads():
         try:
-            for thread in proc.threads():
-                os.sched_setaffinity(thread.id, cpus)
-        except (psutil.Error, OSError):  # gone, or a thread that ended meanwhile
+            os.sched_setaffinity(thread.id, cpus)
+        except OSError:  # a thread that ended meanwhile
             pass

@@ -67,32 +67,36 @@ def ppo_config(out: pathlib.Path, *, policy: str, reward: str, models: pathlib.P
         ppo={**PPO["ppo"], "beta": beta, **variant.get("ppo", {})}, services=overlap.get("services", {})))
 
 
+def deployed_cpus(modes) -> tuple[list[int], list[int]] | None:
+    """(the services' CPUs, the trainer's) when the runs compare rollout modes: generation on one
+    CPU, training (one torch thread) on another, as on a GPU node where they run on different
+    devices. Both modes then run in that layout. On 2 shared cores the two compute-bound halves
+    would otherwise slow each other down instead of overlapping (docs/training.md). None with a
+    single mode or fewer than 2 CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if "one_step_off" not in modes or len(cpus) < 2:
+        return None
+    return cpus[:1], cpus[1:2]
+
+
 @contextlib.contextmanager
-def deployed_layout(apply: bool, servers):
-    """For one_step_off: generation (the services) on one CPU, training (this process, one torch
-    thread) on another, as on a GPU node where they run on different devices. On 2 shared cores
-    the two compute-bound halves would otherwise slow each other down instead of overlapping
-    (docs/training.md has the figures). Does nothing with fewer than 2 CPUs."""
+def trainer_on(cpus: list[int] | None):
+    """This process (the trainer) on `cpus` with one torch thread, for the with block."""
     import torch
 
     from services.demo.launch import pin
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if not apply or len(cpus) < 2:
+    if not cpus:
         yield
         return
-    threads = torch.get_num_threads()
-    for server in servers:
-        pin(server.pid, cpus[:1])
-    pin(os.getpid(), cpus[1:2], children=False)
+    everything, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+    pin(os.getpid(), cpus)
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        pin(os.getpid(), cpus, children=False)
+        pin(os.getpid(), everything)
         torch.set_num_threads(threads)
-        for server in servers:
-            pin(server.pid, cpus)
 
 
 def stage(n: int, total: int, what: str) -> float:
@@ -167,18 +171,23 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         with contextlib.ExitStack() as stack:
-            stage(4, total, "starting the reward and policy services")
+            layout = deployed_cpus(modes)
+            stage(4, total, "starting the reward and policy services"
+                  + (f" on CPU {layout[0]}, the trainer on CPU {layout[1]}" if layout else ""))
+            server_cpus = layout[0] if layout else None
+            server_env = {"OMP_NUM_THREADS": "1"} if layout else {}  # one torch thread on its one CPU
             reward_port, policy_port = free_port(), free_port()
             reward_srv = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"),
                                                   "--host", "127.0.0.1", "--port", str(reward_port),
                                                   "--metrics-port", "0"),
                                      port=reward_port, service="rlhf.v1.RewardService",
-                                     log_path=out / "logs" / "reward.log")
+                                     log_path=out / "logs" / "reward.log", cpus=server_cpus, env=server_env)
             policy_srv = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"),
                                                   "--host", "127.0.0.1", "--port", str(policy_port),
                                                   "--metrics-port", "0", "--kv-cache-gib", "1"),
                                      port=policy_port, service="rlhf.v1.PolicyService",
-                                     log_path=out / "logs" / "policy.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+                                     log_path=out / "logs" / "policy.log", cpus=server_cpus,
+                                     env={"VLLM_CPU_KVCACHE_SPACE": "1", **server_env})
             for server in (reward_srv, policy_srv):
                 stack.callback(server.terminate)
                 server.start()
@@ -201,7 +210,7 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
                 config = ppo_config(out / name, policy=policy_srv.address, reward=reward_srv.address,
                                     models=models, prompts=paths["prompts"], steps=steps, seed=seed, beta=beta,
                                     algo=algo, mode=mode)
-                with deployed_layout(mode == "one_step_off", [reward_srv, policy_srv]):
+                with trainer_on(layout[1] if layout else None):
                     history = train(config, ClientConfig(), handle_signals=False)
                 wall = time.perf_counter() - t
                 ranks = json.loads((out / name / "ranks.json").read_text())
