@@ -7,7 +7,9 @@ a module really loads:
   system that only calls the services installs grpcio and protobuf, nothing else;
 - a server never imports its own client, and the front ends of one core never import each other;
 - the runtime (services.common) imports no service, and the reward service imports nothing of the
-  trainer (which runs the training jobs).
+  trainer (which runs the training jobs);
+- where a server or client builds a message field by field, every field it names exists in the
+  contract: a renamed proto field fails here, not when the RPC first runs.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.trainer.ppo",
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
-         "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics"]
+         "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
+         "services.trainer.state"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
 CLIENTS = ["services.policy.client", "services.reward.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
@@ -128,3 +131,44 @@ def test_a_broken_wall_is_caught(tmp_path, monkeypatch):
     path.write_text(source)
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert {"grpc", "torch", "torch.nn"} <= imports("services.policy.engine")
+
+
+def message_fields_named(path: pathlib.Path) -> list[tuple[int, str, str]]:
+    """(line, message, keyword) for every `<x>_pb2.<Message>(keyword=...)` call in the file."""
+    from rlhf.v1 import common_pb2, policy_pb2, reward_pb2, trainer_pb2
+    modules = {m.__name__.rsplit(".", 1)[-1]: m for m in (common_pb2, policy_pb2, reward_pb2, trainer_pb2)}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        chain, base = [node.func.attr], node.func.value
+        while isinstance(base, ast.Attribute):
+            chain.insert(0, base.attr)
+            base = base.value
+        if not (isinstance(base, ast.Name) and base.id in modules):
+            continue
+        message = modules[base.id]
+        for name in chain:
+            message = getattr(message, name)
+        if not hasattr(message, "DESCRIPTOR") or not hasattr(message.DESCRIPTOR, "fields_by_name"):
+            continue  # an enum's Value(), a helper
+        for kw in node.keywords:
+            if kw.arg is not None and kw.arg not in message.DESCRIPTOR.fields_by_name:
+                found.append((node.lineno, message.DESCRIPTOR.full_name, kw.arg))
+    return found
+
+
+@pytest.mark.parametrize("module", ["services.policy.server", "services.policy.client", "services.reward.server",
+                                    "services.reward.client", "services.trainer.server"])
+def test_every_field_a_message_is_built_with_is_in_the_contract(module):
+    unknown = message_fields_named(module_file(module))
+    assert not unknown, f"{module} names fields the contract does not have (line, message, field): {unknown}"
+
+
+def test_a_renamed_field_is_caught(tmp_path):
+    """The control: a field the contract lacks is seen, nested messages included."""
+    path = tmp_path / "server.py"
+    path.write_text("from rlhf.v1 import policy_pb2\n"
+                    "policy_pb2.GenerateResponse(results=[])\n"
+                    "policy_pb2.SamplingParams(max_tokens=1, max_new_tokens=2)\n")
+    assert message_fields_named(path) == [(3, "rlhf.v1.SamplingParams", "max_new_tokens")]
