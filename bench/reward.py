@@ -141,7 +141,7 @@ class InProcess:
     """
 
     def __init__(self, model_dir: pathlib.Path, batch: int, max_batch_tokens: int = 16384):
-        from services.reward.model import load_reward_model
+        from services.ml.head import load_reward_model
 
         self.model, self.tok, _ = load_reward_model(str(model_dir), device="cpu")
         self.batch, self.max_batch_tokens = batch, max_batch_tokens
@@ -149,7 +149,7 @@ class InProcess:
 
     def __call__(self, pairs, batch: int | None = None) -> None:
         from services.reward.batcher import plan_batches
-        from services.reward.model import score_batch
+        from services.ml.head import score_batch
 
         tok, eos = self.tok, self.tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else eos

@@ -290,6 +290,22 @@ EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", 
           "yaml": "server", "tqdm": "server", "numpy": "trainer"}
 
 
+def is_serve_policy_flag(flag: str) -> bool:
+    """Whether `rlhf serve policy` accepts `flag` (e.g. "--max-num-batched-tokens" or
+    "--port=1"): one of its own flags or a vLLM engine argument. For checks of command lines
+    written elsewhere (the Kubernetes manifests); options.engine_args() also checks values.
+    Imports vLLM."""
+    from services.policy.options import ENGINE_SET, engine_parser
+
+    name = flag.split("=", 1)[0]
+    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
+    policy = next(a for a in serve._actions if isinstance(a, argparse._SubParsersAction)).choices["policy"]
+    if name in policy._option_string_actions:
+        return True
+    vllm_flags = set(engine_parser()._option_string_actions) - set(ENGINE_SET.values())
+    return name.replace("_", "-") in vllm_flags  # vLLM's parser takes either spelling
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = expand_serve_config(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)

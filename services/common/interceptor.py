@@ -3,6 +3,7 @@ metrics (the names go-grpc-prometheus uses) and the mapping of exceptions to sta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 
@@ -171,11 +172,27 @@ def _refusal(handler: grpc.RpcMethodHandler, service: str, method: str,
     return grpc.stream_unary_rpc_method_handler(refuse)
 
 
+@contextlib.asynccontextmanager
+async def _tracked(owner: "ServerInterceptor", labels: tuple[str, str, str], context):
+    """One call's bookkeeping, whatever its shape: counted in `owner.active` (the drain waits
+    for it), an exception mapped to its status, its metrics recorded at the end."""
+    rpc = _Rpc(*labels)
+    owner.active.add(rpc)
+    try:
+        yield rpc
+    except BaseException as exc:
+        await rpc.fail(exc, context)
+        raise
+    finally:
+        owner.active.discard(rpc)
+        rpc.done(context)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
           owner: "ServerInterceptor") -> grpc.RpcMethodHandler:
     """The handler with bookkeeping and error mapping around it."""
     streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-    grpc_type = _GRPC_TYPES[(streaming_in, streaming_out)]
+    labels = (_GRPC_TYPES[(streaming_in, streaming_out)], service, method)
     codec = dict(request_deserializer=_lenient(handler.request_deserializer),
                  response_serializer=handler.response_serializer)
     what = f"{service}/{method} request"
@@ -185,16 +202,8 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
         behavior = handler.stream_unary if streaming_in else handler.unary_unary
 
         async def call(request, context):
-            rpc = _Rpc(grpc_type, service, method)
-            owner.active.add(rpc)
-            try:
+            async with _tracked(owner, labels, context):
                 return await behavior(check(request), context)
-            except BaseException as exc:
-                await rpc.fail(exc, context)
-                raise
-            finally:
-                owner.active.discard(rpc)
-                rpc.done(context)
 
         make = grpc.stream_unary_rpc_method_handler if streaming_in else grpc.unary_unary_rpc_method_handler
         return make(call, **codec)
@@ -202,17 +211,9 @@ def _wrap(handler: grpc.RpcMethodHandler, service: str, method: str,
     behavior = handler.stream_stream if streaming_in else handler.unary_stream
 
     async def stream(request, context):
-        rpc = _Rpc(grpc_type, service, method)
-        owner.active.add(rpc)
-        try:
+        async with _tracked(owner, labels, context):
             async for response in behavior(check(request), context):
                 yield response
-        except BaseException as exc:
-            await rpc.fail(exc, context)
-            raise
-        finally:
-            owner.active.discard(rpc)
-            rpc.done(context)
 
     make = grpc.stream_stream_rpc_method_handler if streaming_in else grpc.unary_stream_rpc_method_handler
     return make(stream, **codec)

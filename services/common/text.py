@@ -18,6 +18,7 @@ from typing import Sequence
 from services.common.errors import InvalidArgument
 
 MAX_MESSAGES = 256  # common.proto: ChatMessages.messages
+TRUNCATIONS = ("reject", "keep_end_of_prompt")  # the names every front end maps its own spelling to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +87,26 @@ def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[
     if not response_ids or response_ids[-1] != eos:
         response_ids.append(eos)
     return prompt_ids, response_ids
+
+
+def fit(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int, truncation: str = "reject",
+        ) -> tuple[list[int], bool]:
+    """(prompt_ids + response_ids, truncated) within max_length tokens.
+
+    "keep_end_of_prompt" drops tokens from the start of the prompt: the end of
+    the prompt is what the response answers. A response that does not fit
+    alone is rejected in either mode: cutting it would score a different answer.
+    """
+    if truncation not in TRUNCATIONS:
+        raise InvalidArgument(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
+    n = len(prompt_ids) + len(response_ids)
+    if n <= max_length:
+        return list(prompt_ids) + list(response_ids), False
+    if truncation == "reject":
+        raise InvalidArgument(f"prompt + response is {n} tokens, more than max_length {max_length} "
+                              f"(truncation=reject; keep_end_of_prompt drops the start of the prompt)")
+    if len(response_ids) > max_length:
+        raise InvalidArgument(f"response is {len(response_ids)} tokens, more than max_length {max_length} "
+                              f"even without the prompt")
+    keep = max_length - len(response_ids)
+    return (list(prompt_ids[len(prompt_ids) - keep:]) if keep else []) + list(response_ids), True

@@ -42,17 +42,10 @@ ALGOS = {
 }
 # one_step_off: the next step's rollout runs while this one trains (services.max_staleness 1).
 MODES = {"sync": {}, "one_step_off": dict(rollout=dict(mode="one_step_off"), services=dict(max_staleness=1))}
-LABELS = {"sft": "SFT", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-          "ppo-no-kl": "PPO, beta = 0"}
 
 
 def run_name(algo: str, mode: str) -> str:
     return algo if mode == "sync" else f"{algo}-{mode}"
-
-
-def label(name: str) -> str:
-    algo, _, mode = name.partition("-")
-    return LABELS.get(name) or f"{LABELS[algo]}, {mode.replace('_', '-')}"
 
 
 def ppo_config(out: pathlib.Path, *, policy: str, reward: str, models: pathlib.Path, prompts: pathlib.Path,
@@ -125,6 +118,7 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
     from services.common.config import ClientConfig
     from services.demo.launch import ChildServer, free_port, rlhf_command
     from services.demo import evaluate, report
+    from services.demo.report import label
     from services.demo.data import write_demo_data
     from services.demo.tiny_model import build_model
     from services.policy.client import PolicyClient

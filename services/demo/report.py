@@ -5,6 +5,13 @@ from __future__ import annotations
 import pathlib
 
 KINDS = ("clear", "long", "vague", "other")
+LABELS = {"sft": "SFT", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+          "ppo-no-kl": "PPO, beta = 0"}
+
+
+def label(name: str) -> str:
+    algo, _, mode = name.partition("-")
+    return LABELS.get(name) or f"{LABELS[algo]}, {mode.replace('_', '-')}"
 
 
 def summary(e: dict) -> str:
@@ -13,7 +20,6 @@ def summary(e: dict) -> str:
 
 
 def _columns(results: dict) -> list[tuple[str, dict]]:
-    from services.demo.pipeline import label
     names = ["sft"] + [key.removesuffix("_history") for key in results if key.endswith("_history")]
     return [(label(name), results[name]) for name in names if name in results]
 

@@ -39,19 +39,3 @@ def engine_args(argv: list[str], model: str):
     namespace.model = model
     return AsyncEngineArgs.from_cli_args(namespace)
 
-
-def is_serve_policy_flag(flag: str) -> bool:
-    """Whether `rlhf serve policy` accepts `flag` (e.g. "--max-num-batched-tokens" or
-    "--port=1"): one of its own flags or a vLLM engine argument. For tests of command
-    lines written elsewhere (the Kubernetes manifests); engine_args() also checks values."""
-    import argparse
-
-    from services.cli import build_parser
-
-    name = flag.split("=", 1)[0]
-    serve = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["serve"]
-    policy = next(a for a in serve._actions if isinstance(a, argparse._SubParsersAction)).choices["policy"]
-    if name in policy._option_string_actions:
-        return True
-    vllm_flags = set(engine_parser()._option_string_actions) - set(ENGINE_SET.values())
-    return name.replace("_", "-") in vllm_flags  # vLLM's parser takes either spelling

@@ -39,7 +39,7 @@ from aiohttp import web
 from services.common import errors
 from services.reward import metrics
 from services.reward.scorer import Pair, PairResult, Query, Scorer
-from services.reward.tokens import TRUNCATIONS
+from services.common.text import TRUNCATIONS
 
 log = logging.getLogger(__name__)
 

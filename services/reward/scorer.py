@@ -21,11 +21,11 @@ import uuid
 from typing import Sequence, Union
 
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.text import check_messages, utf8_size
+from services.common.text import TRUNCATIONS, check_messages, fit, utf8_size
 from services.reward import metrics, tokens
 from services.reward.batcher import Batcher
 from services.reward.rules import RM, ConfigError, RewardFunction, parse_mix
-from services.reward.tokens import TRUNCATIONS, Input, is_chat
+from services.reward.tokens import Input, is_chat
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Scorer:
                  ", ".join(f"{c.name}={c.weight:g} ({c.source})" for c in self.components()), self.version)
 
     async def _load_model(self) -> None:
-        from services.reward import model as rm  # torch: only where a reward model is served
+        from services.ml import head as rm  # torch: only where a reward model is served
 
         # Loading takes seconds; in a thread, so health keeps answering NOT_SERVING meanwhile.
         self.model, self.tokenizer, meta = await asyncio.to_thread(
@@ -320,7 +320,7 @@ class Scorer:
         if self.model is not None:
             prompt_ids, response_ids = tokens.prompt_ids(tok, prompt, item.prompt_field), tokens.response_ids(tok, response)
             try:
-                ids, truncated = tokens.fit(prompt_ids, response_ids, self.max_length, truncation)
+                ids, truncated = fit(prompt_ids, response_ids, self.max_length, truncation)
             except InvalidArgument as exc:
                 raise self._too_long(item.name, exc, truncation) from None
         if self.functions:

@@ -7,12 +7,11 @@ EOS, the prompt templated exactly once.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Union
 
 from services.common.errors import InvalidArgument
-from services.common.text import ChatMessage, encode_pair, format_prompt, render_messages
+from services.common.text import ChatMessage, encode_pair, fit, format_prompt, render_messages
 
-TRUNCATIONS = ("reject", "keep_end_of_prompt")  # the names every front end maps its own spelling to
 
 # A prompt is text, token ids (a list) or a conversation (a tuple of ChatMessage).
 Input = Union[str, list[int], tuple[ChatMessage, ...]]
@@ -20,29 +19,6 @@ Input = Union[str, list[int], tuple[ChatMessage, ...]]
 
 def is_chat(x) -> bool:
     return isinstance(x, tuple)
-
-
-def fit(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int, truncation: str = "reject",
-        ) -> tuple[list[int], bool]:
-    """(prompt_ids + response_ids, truncated) within max_length tokens.
-
-    "keep_end_of_prompt" drops tokens from the start of the prompt: the end of
-    the prompt is what the response answers. A response that does not fit
-    alone is rejected in either mode: cutting it would score a different answer.
-    """
-    if truncation not in TRUNCATIONS:
-        raise InvalidArgument(f"truncation must be one of {TRUNCATIONS}, got {truncation!r}")
-    n = len(prompt_ids) + len(response_ids)
-    if n <= max_length:
-        return list(prompt_ids) + list(response_ids), False
-    if truncation == "reject":
-        raise InvalidArgument(f"prompt + response is {n} tokens, more than max_length {max_length} "
-                              f"(truncation=reject; keep_end_of_prompt drops the start of the prompt)")
-    if len(response_ids) > max_length:
-        raise InvalidArgument(f"response is {len(response_ids)} tokens, more than max_length {max_length} "
-                              f"even without the prompt")
-    keep = max_length - len(response_ids)
-    return (list(prompt_ids[len(prompt_ids) - keep:]) if keep else []) + list(response_ids), True
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int, truncation: str = "reject",

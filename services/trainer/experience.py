@@ -103,7 +103,7 @@ def policy_forward(model, batch: Batch, temperature: float) -> tuple[torch.Tenso
 
 def value_forward(model, batch: Batch) -> torch.Tensor:
     """V(s_t) for every response position [B, R]: the reward model's head on every hidden state."""
-    from services.reward.model import values
+    from services.ml.head import values
 
     P = batch.prompt_width
     return values(model, batch.input_ids, batch.attention_mask, batch.position_ids)[:, P - 1:-1]

@@ -194,8 +194,8 @@ def sft_examples(tokenizer, rows: list[dict], max_length: int, path: str) -> tup
 def _response_ids(tokenizer, prompt: str | list[dict] | None, response: str | list[dict], max_length: int,
                   where: str) -> list[int]:
     """The tokens the reward model reads for (prompt, response), fitted to max_length by dropping
-    the start of the prompt (services.reward.tokens.fit), never the response."""
-    from services.reward.tokens import fit
+    the start of the prompt (services.common.text.fit), never the response."""
+    from services.common.text import fit
 
     eos = tokenizer.eos_token_id
     if isinstance(response, list):  # a conversation

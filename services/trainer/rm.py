@@ -6,7 +6,7 @@ learned: the mean and std of the scores over the training responses are recorded
 reward service can return normalised rewards.
 
 The trainer runs this job (the reward service only serves); it pools and encodes a pair with
-services.reward.model, as the service does, so a pair scores the same in both.
+services.ml.head, as the service does, so a pair scores the same in both.
 
     rlhf train rm --model models/reward --data data/prefs.jsonl --out models/rm
 """
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
-from services.reward import model as rm
+from services.ml import head as rm
 from services.trainer import distributed, formats
 from services.trainer.config import RMConfig
 from services.trainer.distributed import Dist

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from services.reward.model import pad_batch
+from services.ml.head import pad_batch
 from services.trainer import data as D
 from services.trainer import distributed, formats
 from services.trainer.config import SFTConfig

@@ -33,7 +33,8 @@ def eval_prompts(data_dir) -> list[str]:
 
 def mean_score_by_kind(rm_dir, prompts) -> dict[str, float]:
     """Mean reward of freshly written answers of each kind to prompts the model never saw."""
-    from services.reward import model as rm, tokens
+    from services.ml import head as rm
+    from services.reward import tokens
     model, tok, _ = rm.load_reward_model(rm_dir)
     rng = random.Random(123)
     means = {}

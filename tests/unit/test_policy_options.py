@@ -72,7 +72,7 @@ def test_a_bad_vllm_flag_stops_the_server_before_it_loads(tmp_path):
 
 
 def test_is_serve_policy_flag():
-    from services.policy.options import is_serve_policy_flag
+    from services.cli import is_serve_policy_flag
 
     for flag in ("--model", "--max-text-bytes", "--push-idle-timeout-s", "--drain-linger-s", "--port=1",
                  "--max-num-batched-tokens", "--enable-prefix-caching", "--no-enable-prefix-caching",

@@ -254,7 +254,7 @@ def test_rules_only_scores_text_and_refuses_what_needs_a_tokenizer(loop):
 def test_values_at_the_last_real_token_are_the_rewards_left_or_right_padded(plain):
     import torch
 
-    from services.reward import model as rm
+    from services.ml import head as rm
 
     m, tok = plain.model, plain.tokenizer
     seqs = [tok("<|user|>Hi<|assistant|>Hello!<|eos|>", add_special_tokens=False)["input_ids"], [5, 6, 7, 0]]
@@ -283,7 +283,7 @@ def test_batch_composition_moves_a_score_by_far_less_than_1e_5(plain):
     import random
 
     from services.demo.data import KINDS, all_prompts, make_answer
-    from services.reward import model as rm
+    from services.ml import head as rm
 
     tok, rng = plain.tokenizer, random.Random(0)
     seqs = []

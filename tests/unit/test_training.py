@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from services.common.errors import InvalidArgument
-from services.reward import model as rm
+from services.common.text import fit
+from services.ml import head as rm
 from services.reward import tokens
 from services.trainer.rm import bradley_terry_loss, noise_ceiling
 from services.trainer import data as D
@@ -64,15 +65,15 @@ def test_bradley_terry_loss_by_hand():
 
 def test_fit_truncation_modes():
     prompt, response = [1, 2, 3, 4], [7, 8, 0]
-    assert tokens.fit(prompt, response, 7) == ([1, 2, 3, 4, 7, 8, 0], False)
+    assert fit(prompt, response, 7) == ([1, 2, 3, 4, 7, 8, 0], False)
     with pytest.raises(InvalidArgument, match="max_length 5"):
-        tokens.fit(prompt, response, 5, "reject")
-    assert tokens.fit(prompt, response, 5, "keep_end_of_prompt") == ([3, 4, 7, 8, 0], True)
-    assert tokens.fit(prompt, response, 3, "keep_end_of_prompt") == ([7, 8, 0], True)
+        fit(prompt, response, 5, "reject")
+    assert fit(prompt, response, 5, "keep_end_of_prompt") == ([3, 4, 7, 8, 0], True)
+    assert fit(prompt, response, 3, "keep_end_of_prompt") == ([7, 8, 0], True)
     with pytest.raises(InvalidArgument, match="response is 3 tokens"):
-        tokens.fit(prompt, response, 2, "keep_end_of_prompt")
+        fit(prompt, response, 2, "keep_end_of_prompt")
     with pytest.raises(InvalidArgument, match="truncation"):
-        tokens.fit(prompt, response, 7, "cut_anywhere")
+        fit(prompt, response, 7, "cut_anywhere")
 
 
 def test_encode_matches_text_helpers(tokenizer):

@@ -6,8 +6,13 @@ a module really loads:
 - a client or a shared (services.common) module imports no torch, vllm, transformers or numpy: a
   system that only calls the services installs grpcio and protobuf, nothing else;
 - a server never imports its own client, and the front ends of one core never import each other;
-- the runtime (services.common) imports no service, and the reward service imports nothing of the
-  trainer (which runs the training jobs);
+- the runtime (services.common) imports no service; the reward service imports nothing of the
+  trainer (which runs the training jobs), and the trainer nothing of the reward service but its
+  client: what both need (the score head, padding, fitting a pair) is in services.ml and
+  services.common.text;
+- no service module imports the CLI (the CLI knows the services, not the other way round);
+- no two modules of the project import each other, directly or round a longer cycle;
+- the interceptor writes one call's bookkeeping once, whatever the RPC's shape;
 - where a server or client builds a message field by field, every field it names exists in the
   contract: a renamed proto field fails here, not when the RPC first runs.
 """
@@ -24,12 +29,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVICES = ROOT / "services"
 
 CORES = ["services.policy.engine", "services.policy.worker", "services.policy.limits", "services.policy.weights",
-         "services.policy.results", "services.policy.options", "services.reward.model", "services.reward.batcher",
+         "services.policy.results", "services.policy.options", "services.ml.head", "services.reward.batcher",
          "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.trainer.ppo",
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
-         "services.trainer.state"]
+         "services.trainer.state", "services.ml.head"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
 CLIENTS = ["services.policy.client", "services.reward.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
@@ -172,3 +177,93 @@ def test_a_renamed_field_is_caught(tmp_path):
                     "policy_pb2.GenerateResponse(results=[])\n"
                     "policy_pb2.SamplingParams(max_tokens=1, max_new_tokens=2)\n")
     assert message_fields_named(path) == [(3, "rlhf.v1.SamplingParams", "max_new_tokens")]
+
+
+@pytest.mark.parametrize("module", all_modules("services.trainer"))
+def test_the_trainer_uses_only_the_reward_services_client(module):
+    bad = sorted(n for n in imports(module) if starts(n, ("services.reward",)) and not starts(n, ("services.reward.client",)))
+    assert not bad, f"{module} imports {bad}: shared code belongs in services.ml or services.common"
+
+
+SERVICE_PACKAGES = ("services.common", "services.policy", "services.reward", "services.trainer", "services.ml",
+                    "services.demo")
+
+
+@pytest.mark.parametrize("module", [m for p in SERVICE_PACKAGES for m in all_modules(p)])
+def test_no_service_module_imports_the_cli(module):
+    assert not starts_any(imports(module), "services.cli"), f"{module} imports services.cli"
+
+
+def import_graph(root: pathlib.Path) -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (`from pkg import mod` counts as mod)."""
+    modules = {}
+    for path in (root / "services").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in found if m in modules and m != name and m != "services"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_two_modules_import_each_other():
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_an_import_cycle_is_caught(tmp_path):
+    """The control: a cycle of two modules, one of the imports lazy, and one of three."""
+    pkg = tmp_path / "services" / "demo"
+    pkg.mkdir(parents=True)
+    (pkg / "pipeline.py").write_text("def f():\n    from services.demo import report\n")
+    (pkg / "report.py").write_text("from services.demo.pipeline import f\n")
+    (pkg / "a.py").write_text("import services.demo.b\n")
+    (pkg / "b.py").write_text("import services.demo.c\n")
+    (pkg / "c.py").write_text("from services.demo import a\n")
+    assert sorted(cycles(import_graph(tmp_path))) == [["services.demo.a", "services.demo.b", "services.demo.c"],
+                                                      ["services.demo.pipeline", "services.demo.report"]]
+
+
+def test_the_interceptor_writes_a_calls_bookkeeping_once():
+    """Unary and streaming handlers share one body (interceptor._tracked): a second copy of the
+    bookkeeping (the call counted for the drain, its metrics recorded) is a second place to forget
+    a fix in."""
+    source = (SERVICES / "common" / "interceptor.py").read_text()
+    assert source.count("owner.active.add(") == 1 and source.count("owner.active.discard(") == 1
