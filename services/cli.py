@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from services.common.config import add_client_args, add_server_args
+from services.common.config import add_client_args, add_server_args, load_yaml, read_config, shorten
 
 
 def _command(sub, name: str, target: str, help: str, **kwargs) -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def expand_serve_config(argv: list[str]) -> list[str]:
             i += 1 if inline or "=" in argv[i] else 2
             try:
                 if arg == "--config":
-                    loaded = yaml.safe_load(open(value)) or {}
+                    loaded = load_yaml(read_config(value, "it"), "it") or {}
                     if not isinstance(loaded, dict):
                         raise ValueError("it must hold a mapping of flags")
                     values.update(loaded)
@@ -56,9 +56,10 @@ def expand_serve_config(argv: list[str]) -> list[str]:
                     key, sep, raw = value.partition("=")
                     if not sep:
                         raise ValueError("--set wants KEY=VALUE")
-                    values[key] = yaml.safe_load(raw)
-            except (OSError, ValueError, yaml.YAMLError) as e:
-                raise SystemExit(f"rlhf {' '.join(argv[:2])}: {arg} {value}: {e}") from None
+                    values[key] = load_yaml(raw, "the value")
+            except (OSError, ValueError, yaml.YAMLError) as e:  # a bad config: exit 2, as argparse does
+                print(shorten(f"rlhf {' '.join(argv[:2])}: {arg} {value}: {e}"), file=sys.stderr)
+                raise SystemExit(2) from None
             continue
         rest.append(argv[i])
         i += 1

@@ -51,8 +51,8 @@ class ChatMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     role: _builtins.str
-    """"system", "user" or "assistant" (what the served tokenizer's chat
-    template knows). Must not be empty.
+    """One of "system", "user" or "assistant", exactly (lower case, nothing
+    around it); any other value is INVALID_ARGUMENT naming the message.
     """
     content: _builtins.str
     """The turn's text. Limit: with every other text of the request, the

@@ -8,6 +8,84 @@ import pathlib
 
 TOKEN_ENV = "RLHF_AUTH_TOKEN"
 
+# A config file or --set value: far more than any real config holds, far less than what an alias
+# bomb ("billion laughs") expands to. PyYAML builds aliases as shared objects, so the bomb loads
+# in no time; it explodes later, in whatever walks the tree (validation, printing an error).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, counting each alias as what it expands to
+
+
+def load_yaml(text: str, where: str):
+    """yaml.safe_load of a config, refused (ValueError naming `where`) when it is over
+    MAX_YAML_BYTES or, counting what its aliases expand to, over MAX_YAML_VALUES values, or
+    refers to itself. Counted on the node graph before anything is built."""
+    import yaml
+
+    if len(text) > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is {len(text)} bytes, more than the {MAX_YAML_BYTES} a config may have")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        values = _expanded_values(node)
+        if values > MAX_YAML_VALUES:
+            raise ValueError(f"{where} expands to more than {MAX_YAML_VALUES} values (through YAML aliases, "
+                             f"*name); a config holds far fewer")
+        return loader.construct_document(node)
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise ValueError(f"{where} nests lists or mappings too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_config(path: str | os.PathLike, where: str) -> str:
+    """A config file's text, refused before reading (ValueError naming `where`) when it is larger
+    than a config can be."""
+    size = os.stat(path).st_size
+    if size > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is {size} bytes, more than the {MAX_YAML_BYTES} a config may have")
+    return pathlib.Path(path).read_text()
+
+
+def _expanded_values(root) -> int:
+    """How many nodes the tree under `root` has once every alias is expanded (a shared node counts
+    each time it is reached); MAX_YAML_VALUES + 1 as soon as it is more. Iterative (nesting may be
+    deep); a node that contains itself is refused."""
+    import yaml
+
+    size: dict[int, int] = {}
+    stack: list[tuple[object, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.ScalarNode):
+            size[id(node)] = 1
+            continue
+        children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                    else list(node.value))
+        if children_done:
+            open_nodes.discard(id(node))
+            size[id(node)] = min(1 + sum(size[id(c)] for c in children), MAX_YAML_VALUES + 1)
+            continue
+        if id(node) in open_nodes:
+            raise ValueError("the YAML refers to itself (an alias inside its own anchor)")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in open_nodes:
+                raise ValueError("the YAML refers to itself (an alias inside its own anchor)")
+            if id(child) not in size:
+                stack.append((child, False))
+    return size[id(root)]
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """An error message's echo of user input, cut to `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def add_server_args(p: argparse.ArgumentParser, *, port: int, metrics_port: int) -> None:
     g = p.add_argument_group("server")

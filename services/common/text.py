@@ -18,6 +18,9 @@ from typing import Sequence
 from services.common.errors import InvalidArgument
 
 MAX_MESSAGES = 256  # common.proto: ChatMessages.messages
+# common.proto: ChatMessage.role. A template renders a role it does not know as bare text (or
+# not at all), so an unknown one would reach the model as something else than the caller meant.
+ROLES = ("system", "user", "assistant")
 TRUNCATIONS = ("reject", "keep_end_of_prompt")  # the names every front end maps its own spelling to
 
 
@@ -41,13 +44,14 @@ def render_messages(tokenizer, messages: Sequence[ChatMessage], field: str = "me
 
 
 def check_messages(messages: Sequence[ChatMessage], field: str, max_text_bytes: int) -> tuple[ChatMessage, ...]:
-    """1 to MAX_MESSAGES turns with a role each; all roles and contents together within max_text_bytes."""
+    """1 to MAX_MESSAGES turns, each with one of ROLES; all roles and contents together within
+    max_text_bytes."""
     if not 1 <= len(messages) <= MAX_MESSAGES:
         raise InvalidArgument(f"{field} must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}")
     total = 0
     for i, m in enumerate(messages):
-        if not m.role:
-            raise InvalidArgument(f"{field}[{i}].role must not be empty")
+        if m.role not in ROLES:
+            raise InvalidArgument(f"{field}[{i}].role must be one of {', '.join(ROLES)}, got {m.role[:40]!r}")
         total += utf8_size(m.role, f"{field}[{i}].role", max_text_bytes)
         total += utf8_size(m.content, f"{field}[{i}].content", max_text_bytes)
         if total > max_text_bytes:

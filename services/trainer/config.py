@@ -22,6 +22,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.common.config import load_yaml, read_config, shorten
+
 
 class ConfigError(ValueError):
     """A bad config: the CLI prints it and exits with code 2."""
@@ -190,9 +192,11 @@ def load(cls: type[Section], path: str | None = None, sets: list[str] = (), flag
     tree: dict = {}
     if path:
         try:
-            tree = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+            tree = load_yaml(read_config(path, f"--config {path}"), f"--config {path}") or {}
+        except ValueError as e:  # load_yaml's own: it names the file
+            raise ConfigError(shorten(str(e))) from None
         except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {path}: {e}") from None
+            raise ConfigError(shorten(f"--config {path}: {e}")) from None
         if not isinstance(tree, dict):
             raise ConfigError(f"--config {path} must hold a mapping of keys, got {type(tree).__name__}")
     for item in sets:
@@ -200,9 +204,12 @@ def load(cls: type[Section], path: str | None = None, sets: list[str] = (), flag
         if not sep or not key:
             raise ConfigError(f"--set wants KEY=VALUE, got {item!r}")
         try:
-            _set(tree, key, yaml.safe_load(raw))
+            value = load_yaml(raw, f"--set {key}")
+        except ValueError as e:
+            raise ConfigError(shorten(str(e))) from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: {e}") from None
+            raise ConfigError(shorten(f"--set {key}: {e}")) from None
+        _set(tree, key, value)
     for key, value in (flags or {}).items():
         if value is not None:
             _set(tree, key, value)
@@ -216,7 +223,7 @@ def _explain(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"]) or "config"
-        given = f" (got {err['input']!r})" if err["type"] not in ("missing",) and "input" in err else ""
+        given = f" (got {shorten(repr(err['input']), 200)})" if err["type"] not in ("missing",) and "input" in err else ""
         message = err["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {message}{given}" if err["type"] != "missing" else f"{key} is required")
     return "invalid config:\n  " + "\n  ".join(lines)

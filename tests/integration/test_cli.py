@@ -44,7 +44,7 @@ def test_a_bad_server_config_exits_2_naming_the_key(tmp_path):
     assert result.returncode == 2 and "--bogus-key" in result.stderr, result.stderr
     config.write_text("- a list, not a mapping\n")
     result = rlhf("serve", "reward", "--config", config)
-    assert result.returncode != 0 and "it must hold a mapping of flags" in result.stderr
+    assert result.returncode == 2 and "it must hold a mapping of flags" in result.stderr
     result = rlhf("serve", "reward", "--set", "max_pairs=many", "--reward-function", "n=builtin:length")
     assert result.returncode == 2 and "--max-pairs" in result.stderr and "many" in result.stderr, result.stderr
 
@@ -53,3 +53,25 @@ def test_nproc_checks_the_config_before_starting_ranks(tmp_path):
     result = rlhf("train", "rm", "--nproc", 2, "--model", "m", "--data", "d", "--out", tmp_path, "--set", "epochs=0")
     assert result.returncode == 2 and "epochs: Input should be greater than 0" in result.stderr, result.stderr
     assert "torch.distributed" not in result.stderr  # no rank was started
+
+
+LEVELS = [f"{a}: &{a} [{', '.join([f'*{p}' if p else '0'] * 9)}]" for p, a in zip([None, *"abcdefg"], "abcdefgh")]
+BOMB = "\n".join(LEVELS) + "\nrollout: {n: *h}\n"  # 9^8 values: 43 million
+BOMB_FLOW = "{" + ", ".join(LEVELS) + ", n: *h}"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """Before: `train ppo --config bomb.yaml` took 9.5 s and 1.3 GB, then wrote the expanded value
+    (254 MB) to stderr. Refused now on the node graph, before anything is built."""
+    config = tmp_path / "bomb.yaml"
+    config.write_text(BOMB)
+    for args in (("train", "ppo", "--config", config, "--print-config"), ("serve", "reward", "--config", config),
+                 ("train", "ppo", "--set", f"rollout={BOMB_FLOW}", "--print-config")):
+        result = rlhf(*args)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "expands to more than 100000 values" in result.stderr and len(result.stderr) < 2000, result.stderr[-2000:]
+
+
+def test_an_error_echoes_at_most_a_few_hundred_characters_of_the_input(tmp_path):
+    result = rlhf("train", "ppo", "--set", f"rollout.n={'x' * 100_000}", "--print-config")
+    assert result.returncode == 2 and "rollout.n" in result.stderr and len(result.stderr) < 2000, result.stderr[-2000:]

@@ -515,7 +515,7 @@ def test_messages_prompt_over_grpc(client, reference):
     assert one_turn.raw_score == text.raw_score
     cmp = client.compare(chat, "Blue.", "I refuse.")
     assert close(cmp.first_score, as_chat.raw_score)
-    for bad, words in [([{"role": "", "content": "x"}], ["pairs[0].prompt.messages.messages[0].role", "empty"]),
+    for bad, words in [([{"role": "hacker", "content": "x"}], ["pairs[0].prompt.messages.messages[0].role", "must be one of"]),
                        ([{"role": "user", "content": "x" * MAX_TEXT_BYTES}],
                         ["pairs[0].prompt.messages.messages", f"--max-text-bytes={MAX_TEXT_BYTES}"])]:
         with pytest.raises(grpc.RpcError) as e:

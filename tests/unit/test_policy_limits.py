@@ -68,7 +68,8 @@ def test_stream_needs_one_completion():
     ("é" * 51, "prompts[0].text is 102 bytes or more; the limit is 100"),  # bytes, not characters
     (Chat(()), "prompts[0].messages.messages must hold 1 to 256 messages, got 0"),
     (Chat((Message("user", "hi"),) * 257), "must hold 1 to 256 messages, got 257"),
-    (Chat((Message("user", "hi"), Message("", "there"))), "prompts[0].messages.messages[1].role must not be empty"),
+    (Chat((Message("user", "hi"), Message("user\x00\n", "there"))),
+     "prompts[0].messages.messages[1].role must be one of system, user, assistant"),
     (Chat((Message("user", "a" * 60), Message("assistant", "b" * 40))),
      "prompts[0].messages.messages holds 113 bytes of text or more, limit --max-text-bytes=100"),
 ])

@@ -104,7 +104,7 @@ def test_a_conversation_scores_like_the_ids_of_its_rendered_template(loop, plain
 
 
 @pytest.mark.parametrize("prompt, response, words", [
-    ((ChatMessage("", "hi"),), "ok", ["pairs[0].prompt[0].role must not be empty"]),
+    ((ChatMessage("", "hi"),), "ok", ["pairs[0].prompt[0].role must be one of system, user, assistant"]),
     ((ChatMessage("user", "x" * 300), ChatMessage("user", "y" * 300)), "ok",
      ["pairs[0].prompt holds 608 bytes", "--max-text-bytes=512"]),
     (tuple(ChatMessage("user", "a") for _ in range(257)), "ok", ["1 to 256 messages, got 257"]),
