@@ -16,7 +16,6 @@ fixed by pydantic's number parsing.
 from __future__ import annotations
 
 import argparse
-import pathlib
 from typing import Literal
 
 import yaml
