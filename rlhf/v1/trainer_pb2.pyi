@@ -305,6 +305,8 @@ class TrainerStatus(_message.Message):
     LAST_METRICS_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
+    WAITING_SINCE_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     step: _builtins.int
     """Last finished step (0 before the first)."""
@@ -315,10 +317,19 @@ class TrainerStatus(_message.Message):
     paused: _builtins.bool
     message: _builtins.str
     """Human-readable detail: what it waits for, why it failed."""
+    waiting_for: _builtins.str
+    """The dependency the run is waiting for ("reward service", "policy
+    replicas"), set while calls to it fail and are retried; phase is then
+    PHASE_WAITING whatever part of the step is held up. Empty otherwise.
+    """
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
     def last_metrics(self) -> Global___StepMetrics: ...
+    @_builtins.property
+    def waiting_since(self) -> _timestamp_pb2.Timestamp:
+        """When the first of those failures happened (unset when not waiting)."""
+
     def __init__(
         self,
         *,
@@ -331,10 +342,12 @@ class TrainerStatus(_message.Message):
         last_metrics: Global___StepMetrics | None = ...,
         paused: _builtins.bool = ...,
         message: _builtins.str = ...,
+        waiting_for: _builtins.str = ...,
+        waiting_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "waiting_since", b"waiting_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "step", b"step", "total_steps", b"total_steps", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "step", b"step", "total_steps", b"total_steps", "waiting_for", b"waiting_for", "waiting_since", b"waiting_since", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

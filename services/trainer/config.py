@@ -174,6 +174,41 @@ class Config(Job):
         return self.ppo.advantage == "gae"
 
 
+def check_fleet(config: Config, world_size: int, policies: dict, reward, longest_prompt: tuple[int, int]) -> None:
+    """What the live services will refuse, said before the first step (ConfigError naming the key,
+    the limit and the replica) instead of as a refused call mid-run.
+
+    `policies` maps each replica's address to its GetModelInfo answer, `reward` is the reward
+    service's (both read by attribute: max_n, max_prompts, max_model_len; max_pairs, max_length).
+    `longest_prompt` is (tokens, index in the prompt data set) of the longest rendered prompt.
+    A rank sends all its prompts of a step in one Generate when one replica is left, and all
+    their completions in one Score."""
+    rollout = config.rollout
+    prompts_per_call = -(-rollout.batch_size // world_size)
+    pairs_per_call = prompts_per_call * rollout.n
+    problems = []
+    for address, info in sorted(policies.items()):
+        where = f"policy replica {address}"
+        if rollout.n > info.max_n:
+            problems.append(f"rollout.n is {rollout.n}, above {where}'s limit of {info.max_n} completions per "
+                            f"prompt (its --max-n)")
+        if prompts_per_call > info.max_prompts:
+            problems.append(f"rollout.batch_size / ranks is {prompts_per_call} prompts per Generate call, above "
+                            f"{where}'s limit of {info.max_prompts} (its --max-prompts)")
+        tokens, index = longest_prompt
+        if tokens + rollout.max_tokens > info.max_model_len:
+            problems.append(f"prompt {index} of {config.prompts} is {tokens} tokens, and with rollout.max_tokens "
+                            f"{rollout.max_tokens} that is more than {where}'s max_model_len {info.max_model_len}")
+    if pairs_per_call > reward.max_pairs:
+        problems.append(f"rollout.batch_size / ranks x rollout.n is {pairs_per_call} pairs per Score call, above "
+                        f"the reward service's limit of {reward.max_pairs} (its --max-pairs)")
+    if reward.max_length and rollout.max_tokens + 1 > reward.max_length:
+        problems.append(f"rollout.max_tokens {rollout.max_tokens} (+ EOS) is more than the reward model's max length "
+                        f"{reward.max_length}: a completion that long cannot be scored")
+    if problems:
+        raise ConfigError("the services refuse what this config asks for:\n  " + "\n  ".join(problems))
+
+
 # ---- loading ---------------------------------------------------------------------------------
 
 def _set(tree: dict, dotted: str, value) -> None:

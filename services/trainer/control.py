@@ -42,6 +42,14 @@ class ReplicaStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class Waiting:
+    """A dependency the run waits for: which, since when (wall time), and its last error."""
+    dependency: str
+    since: float
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Status:
     phase: Phase
     step: int
@@ -51,6 +59,7 @@ class Status:
     last: StepMetrics | None
     paused: bool
     message: str
+    waiting: Waiting | None = None  # set while a dependency fails; phase is then WAITING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,11 +81,25 @@ class Control:
         self._resume.set()
         self._checkpoints: list[concurrent.futures.Future] = []
         self._watchers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        # Dependencies failing right now, by name. Set by whichever thread calls them (a one_step_off
+        # rollout scores in the background while the main thread waits in another phase), so the
+        # status shows the wait whatever the loop's phase says.
+        self._waiting: dict[str, Waiting] = {}
 
     # --- written by the loop -------------------------------------------------
     def set_phase(self, phase: Phase, message: str = "") -> None:
         with self._lock:
             self.phase, self.message = phase, message
+
+    def dependency_failing(self, dependency: str, message: str) -> None:
+        """A call to `dependency` failed and is being retried; the first failure sets the time."""
+        with self._lock:
+            since = self._waiting[dependency].since if dependency in self._waiting else time.time()
+            self._waiting[dependency] = Waiting(dependency, since, message)
+
+    def dependency_ok(self, dependency: str) -> None:
+        with self._lock:
+            self._waiting.pop(dependency, None)
 
     def set_replicas(self, replicas: list[ReplicaStatus]) -> None:
         with self._lock:
@@ -149,9 +172,16 @@ class Control:
 
     def snapshot(self) -> Status:
         with self._lock:
-            return Status(self.phase, self.history[-1].step if self.history else 0, self.total_steps,
+            phase, message = self.phase, self.message
+            waiting = min(self._waiting.values(), key=lambda w: w.since, default=None)  # the longest wait
+            if waiting is not None and phase not in (Phase.FINISHED, Phase.FAILED):
+                phase = Phase.WAITING
+                message = (f"waiting for {waiting.dependency} since "
+                           f"{time.strftime('%H:%M:%S', time.gmtime(waiting.since))} UTC "
+                           f"({time.time() - waiting.since:.0f} s): {waiting.message}")
+            return Status(phase, self.history[-1].step if self.history else 0, self.total_steps,
                           self.weight_version, list(self.replicas), self.history[-1] if self.history else None,
-                          self.paused, self.message)
+                          self.paused, message, waiting)
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from services.common.config import ClientConfig, ServerConfig
 from services.trainer import checkpoint, distributed, formats, metrics
 from services.trainer.collect import PendingRollout, abandon, finish_rollout, launch_rollout
-from services.trainer.config import Config, ConfigError, dump
+from services.trainer.config import Config, ConfigError, check_fleet, dump
 from services.trainer.control import Checkpoint, Control, Phase, phase
 from services.trainer.distributed import Dist
 from services.trainer.experience import Batch, Experience, Rollout, policy_forward, value_forward
@@ -53,7 +53,7 @@ from services.trainer.ppo import (KL_ESTIMATORS, aggregate, entropy_from_logits,
                                   reinforce_pp_advantages, rloo_advantages, shape_rewards, truncated_is_weights,
                                   value_loss)
 from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, RequestRefused, Scorer, Stopped
-from services.trainer.state import PPOState
+from services.trainer.state import PPOState, Prompts
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,14 @@ def between_steps(control: Control, d: Dist, stop: threading.Event, save, replic
 
 # ---- the run -------------------------------------------------------------------------------
 
+def longest_prompt(tokenizer, prompts: Prompts) -> tuple[int, int]:
+    """(tokens, index) of the longest prompt as the policy will read it."""
+    lengths = [len(tokenizer(formats.render_prompt(tokenizer, p, f"prompt {i}"), add_special_tokens=False).input_ids)
+               for i, p in enumerate(prompts.prompts)]
+    index = max(range(len(lengths)), key=lengths.__getitem__)
+    return lengths[index], index
+
+
 def train(config: Config, client_config: ClientConfig, server_config: ServerConfig | None = None,
           resume: bool = False, handle_signals: bool = True) -> list[StepMetrics]:
     """Run config.steps PPO steps; returns the per-step metrics. With handle_signals, SIGTERM and
@@ -275,7 +283,8 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
     control = Control(config.steps)
     stop = threading.Event()
     services = config.services
-    backoff = Backoff(services.retry_initial_s, services.retry_max_s, services.dependency_deadline_s, stop)
+    backoff = Backoff(services.retry_initial_s, services.retry_max_s, services.dependency_deadline_s, stop,
+                      on_failing=control.dependency_failing, on_recovered=control.dependency_ok)
     replicas = PolicyReplicas(config.policy_addresses, client_config, backoff, services.rpc_timeout_s, d,
                               on_change=control.set_replicas)
     scorer = Scorer(config.reward_address, client_config, backoff, services.rpc_timeout_s)
@@ -287,10 +296,11 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
 
     shapes = distributed.parameter_shapes(state.policy)
     parameters = lambda: distributed.full_parameters(state.policy, d)  # noqa: E731
-    on_wait = lambda message: control.set_phase(Phase.WAITING, message)  # noqa: E731
+    on_wait = lambda message: control.dependency_failing("policy replicas", message)  # noqa: E731
 
     def sync(waits=None) -> None:
         replicas.sync(parameters, shapes, waits, on_wait)
+        control.dependency_ok("policy replicas")
 
     def save() -> pathlib.Path:
         control.set_phase(Phase.CHECKPOINTING)
@@ -315,16 +325,24 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
             state.load(resumed, d)
             control.history = list(state.history)
             log.info("resumed from %s at step %d (weight version %d)", resumed, state.step, state.version)
-        if d.main:
-            info = scorer.model_info()
-            log.info("reward service: %s (%s)", info.model_name, ", ".join(
-                f"{c.name} x {c.weight:g}" for c in info.components) or "reward model")
-
         # Every replica to the trainer's weights first, on a fresh start and a resume alike.
         # Versions only go up, so the trainer's continues above anything a replica serves.
         control.set_phase(Phase.SYNCING)
+        problem = None
         if d.main:
+            reward_info = scorer.model_info()
+            log.info("reward service: %s (%s)", reward_info.model_name, ", ".join(
+                f"{c.name} x {c.weight:g}" for c in reward_info.components) or "reward model")
             replicas.refresh()
+            policy_infos = {r.address: r.client.model_info(timeout=services.rpc_timeout_s)
+                            for r in replicas.replicas.values() if r.available}
+            try:
+                check_fleet(config, d.world_size, policy_infos, reward_info, longest_prompt(tokenizer, state.prompts))
+            except ConfigError as e:
+                problem = str(e)
+        problem = distributed.broadcast_object(problem, d)
+        if problem:
+            raise ConfigError(problem)
         version = distributed.broadcast_object(max(state.version, replicas.max_version()) + 1, d)
         if version > MAX_VERSION:
             raise ConfigError(f"a policy replica serves weight version {version - 1}, the highest there is: "

@@ -66,6 +66,10 @@ class Backoff:
     maximum: float = 10.0
     deadline: float = 300.0
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
+    # Told when a dependency starts failing (name, last error) and when it answers again: how
+    # TrainerService shows a run that waits, from whichever thread made the call.
+    on_failing: Callable[[str, str], None] | None = None
+    on_recovered: Callable[[str], None] | None = None
 
     def waits(self, what: str) -> Iterator[float]:
         """Yields before each retry, after sleeping; raises DependencyDown past the deadline and
@@ -83,20 +87,27 @@ class Backoff:
 
     def retry(self, what: str, call: Callable[[], T], on_wait: Callable[[str], None] | None = None) -> T:
         """call() until it succeeds; retryable errors wait, others raise RequestRefused."""
-        waits = self.waits(what)
+        waits, failed = self.waits(what), False
         while True:
             if self.stop.is_set():
                 raise Stopped(f"stopped before calling {what}")
             try:
-                return call()
+                result = call()
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     raise RequestRefused(f"{what} refused the request: {e.code().name}: {e.details()}") from e
+                if self.on_failing:
+                    self.on_failing(what, f"{e.code().name} {e.details()}")
+                failed = True
                 down = next(waits)
                 message = f"{what}: {e.code().name} {e.details()}; retrying (failing for {down:.0f} s)"
                 log.warning(message)
                 if on_wait:
                     on_wait(message)
+                continue
+            if failed and self.on_recovered:
+                self.on_recovered(what)
+            return result
 
 
 def expand(address: str) -> list[str]:

@@ -25,7 +25,7 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
         extra={**{key: float(getattr(m, key)) for key in EXTRA},
                **{f"reward_{name}": value for name, value in m.reward_components.items()}},
-        time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)))
+        time=_timestamp(m.time))
 
 
 def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
@@ -37,7 +37,13 @@ def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
     return trainer_pb2.TrainerStatus(
         phase=PHASES[s.phase], step=s.step, total_steps=s.total_steps, weight_version=s.weight_version,
         replicas=[replica_status(r) for r in s.replicas], replicas_in_sync=sum(r.in_sync for r in s.replicas),
-        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message)
+        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message,
+        waiting_for=s.waiting.dependency if s.waiting else "",
+        waiting_since=_timestamp(s.waiting.since) if s.waiting else None)
+
+
+def _timestamp(t: float) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=int(t), nanos=int(t % 1 * 1e9))
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

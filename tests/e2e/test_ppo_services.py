@@ -109,23 +109,36 @@ def test_trainer_killed_and_resumed_continues_at_the_saved_step(stack, tmp_path)
     assert after[0]["weight_version"] > max(m["pushed_version"] for m in before)
 
 
-def test_reward_outage_delays_the_run_and_one_past_the_deadline_stops_it_with_a_checkpoint(stack, tmp_path):
+def test_reward_outage_delays_the_run_shows_in_get_status_and_one_past_the_deadline_stops_it(stack, tmp_path):
+    """one_step_off: the next rollout scores in a background thread while the main thread waits in
+    another phase; GetStatus must still say that the run waits for the reward service, and since
+    when (it said GENERATING for a whole outage before)."""
     port = free_port()  # a reward service of its own: the other tests keep theirs
     reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
     reward.wait_ready()
     out, log = tmp_path / "run", tmp_path / "trainer.log"
-    deadline_s = 20
-    config = write_config(tmp_path / "ppo.yaml", {**stack, "reward": reward}, out, steps=200, deadline_s=deadline_s)
-    proc, _ = start_trainer(config, log)
+    deadline_s = 30  # longer than the short outage takes, restart included, on a busy 2-core machine
+    config = write_config(tmp_path / "ppo.yaml", {**stack, "reward": reward}, out, steps=200, deadline_s=deadline_s,
+                          **ONE_STEP_OFF)
+    proc, trainer_port = start_trainer(config, log)
+    trainer = trainer_pb2_grpc.TrainerServiceStub(create_channel(f"127.0.0.1:{trainer_port}", AUTH))
+    status = lambda: trainer.GetStatus(trainer_pb2.GetStatusRequest(), timeout=10)  # noqa: E731
     try:
         wait_for(lambda: len(read_metrics(out)) >= 2, 300, proc, "two PPO steps")
         # A short outage: the step waits (backoff with jitter), the run goes on afterwards.
         reward.kill()
-        time.sleep(6)
+        killed = time.time()
+        waiting = wait_for(lambda: (s := status()).phase == trainer_pb2.PHASE_WAITING and s, 60, proc, "WAITING")
+        assert waiting.waiting_for == "reward service" and "waiting for reward service since" in waiting.message
+        assert killed - 1 <= waiting.waiting_since.ToSeconds() + waiting.waiting_since.nanos / 1e9 <= time.time()
         stalled_at = len(read_metrics(out))
+        time.sleep(1.5)
+        assert len(read_metrics(out)) == stalled_at and status().phase == trainer_pb2.PHASE_WAITING  # held up
         reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
         reward.wait_ready()
         wait_for(lambda: len(read_metrics(out)) >= stalled_at + 2, 300, proc, "steps after the reward service came back")
+        after = status()
+        assert after.phase != trainer_pb2.PHASE_WAITING and not after.waiting_for and not after.HasField("waiting_since")
         assert "reward service: UNAVAILABLE" in log.read_text() and "; retrying (failing for" in log.read_text()
         # An outage past the deadline: the run stops with a checkpoint and says how to go on.
         reward.kill()
@@ -197,3 +210,18 @@ def test_one_step_off_stopped_and_resumed_neither_repeats_nor_skips_a_prompt_bat
     prompts = Prompts(str(stack["prompts"]), seed=0)
     expected = [hashlib.sha256("\n".join(prompts.next(16)).encode()).hexdigest()[:16] for _ in range(6)]
     assert [m["prompts_sha"] for m in history] == expected
+
+
+def test_what_the_services_refuse_is_said_before_the_first_step(stack, tmp_path):
+    """`rollout.n=100000` passed every check until the first Generate; now the trainer compares the
+    config with each replica's and the reward service's limits (GetModelInfo) and exits 2."""
+    out, log = tmp_path / "run", tmp_path / "trainer.log"
+    config = write_config(tmp_path / "ppo.yaml", stack, out, steps=2, rollout=dict(n=100000),
+                          ppo=dict(advantage="grpo"))
+    proc, _ = start_trainer(config, log)
+    assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
+    text = log.read_text()
+    for replica in stack["replicas"]:
+        assert f"rollout.n is 100000, above policy replica {replica.address}'s limit of 64" in text, text[-3000:]
+    assert "pairs per Score call, above the reward service's limit of 256" in text
+    assert not read_metrics(out)

@@ -69,6 +69,13 @@ def main() -> None:
         if state.value is not None:
             state.value_opt = torch.optim.SGD(state.value.parameters(), lr=1e-3)
             state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, lambda s: 1.0)
+    # The dtype the models' linear layers really computed in (their outputs), for the bf16 test.
+    compute_dtypes: set[str] = set()
+    for model in (state.policy, state.value):
+        for module in (model.modules() if model is not None else []):
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(
+                    lambda module, inputs, output: compute_dtypes.add(str(output.dtype).removeprefix("torch.")))
     stats, advantages = {}, None
     if action == "load":
         state.load(checkpoint.latest(out), d)
@@ -85,7 +92,7 @@ def main() -> None:
         params |= {f"value.{n}": t for n, t in distributed.full_parameters(state.value, d)}
     if d.main:
         torch.save({"params": params, "stats": stats, "advantages": advantages, "optimizer": optimizer_state,
-                    "step": state.step}, out / f"params-{action or 'update'}-{d.world_size}.pt")
+                    "step": state.step, "compute_dtypes": sorted(compute_dtypes)}, out / f"params-{action or 'update'}-{d.world_size}.pt")
     distributed.close()
 
 

@@ -228,10 +228,10 @@ def test_generate_fields_and_stream(servers, fresh):
         r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, stop_token_ids=[first[2]])[0].completions[0]
         assert r.finish_reason == "stop" and r.token_ids == first[:first.index(first[2]) + 1]
         text = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True)[0].completions[0].text
-        if len(text) > 3:
-            stop = text[2:4]
-            r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])[0].completions[0]
-            assert r.finish_reason == "stop" and r.stop_string == stop and stop not in r.text
+        assert len(text) > 3, text  # 12 greedy tokens: enough text to cut at a stop string
+        stop = text[2:4]
+        r = c.generate(PROMPTS[0], temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])[0].completions[0]
+        assert r.finish_reason == "stop" and r.stop_string == stop and stop not in r.text
 
 
 def test_seeds_are_honoured_or_refused(servers):
@@ -340,8 +340,9 @@ def test_health_answers_while_a_large_prompt_is_tokenized(servers):
         took = time.monotonic() - t0
     [(code, details)] = outcome  # tokenized (seconds), then too long for the model
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_model_len" in details, details
-    assert took > 1.0, f"tokenizing took {took:.2f} s: too short to show anything"
-    assert len(latencies) >= 5 and max(latencies) < 1.0, (took, sorted(latencies)[-5:])
+    # Health kept answering while the prompt was tokenized: several answers during the call, each
+    # far quicker than the call (a blocked event loop would hold one for about all of it).
+    assert len(latencies) >= 3 and max(latencies) < took / 2, (took, sorted(latencies)[-5:])
 
 
 # ---- exactness ----------------------------------------------------------------------

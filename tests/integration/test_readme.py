@@ -40,14 +40,45 @@ def test_the_grpcurl_body_is_a_score_request():
     assert request.pairs[0].prompt.text == "2+2?" and request.pairs[0].response.text == "4"
 
 
-def test_the_listed_commands_parse():
-    block = README[README.index("## Commands"):README.index("### Your data")]
+def readme_commands(text: str) -> list[str]:
+    """Every `rlhf ...` command line of the text's code blocks (indented or fenced)."""
+    return [line.strip().removeprefix("$ ") for line in text.splitlines()
+            if line.startswith(("    ", "\t", "$ ", "rlhf ")) and line.strip().removeprefix("$ ").startswith("rlhf ")]
+
+
+def unknown_flags(line: str, parser) -> list[str]:
+    """The flags of a README command line (optional [..] parts included) that its subcommand does
+    not declare; the subcommand path is the words before the first flag."""
+    import argparse
+
+    words = shlex.split(line.replace("[", " ").replace("]", " "))[1:]
+    command = parser
+    while True:
+        subparsers = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subparsers or not words or words[0] not in subparsers[0].choices:
+            break
+        command, words = subparsers[0].choices[words[0]], words[1:]
+    assert command is not parser, f"no subcommand in {line!r}"
+    return [w for w in words if w.startswith("--") and w.split("=", 1)[0] not in command._option_string_actions]
+
+
+def test_the_listed_commands_and_their_flags_exist():
+    """Every README command line names a real subcommand, every flag it shows (optional ones too)
+    is one that subcommand declares, and the line without its optional parts parses."""
     parser = build_parser()
-    for line in block.splitlines():
-        line = line.strip()
-        if not line.startswith("rlhf "):
-            continue
+    lines = readme_commands(README)
+    assert len(lines) >= 9, lines
+    for line in lines:
+        assert not unknown_flags(line, parser), (line, unknown_flags(line, parser))
         # Optional parts [..] left out, the first of alternatives a|b taken.
         words = [w.split("|")[0] for w in shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:]]
         args = parser.parse_known_args(words)[0]  # placeholders like DIR are values, not flags
         assert args.command == words[0], line
+
+
+def test_a_wrong_flag_in_the_readme_would_be_caught():
+    """The control: a misspelt flag, required or optional, is seen; a right one is not."""
+    parser = build_parser()
+    assert unknown_flags("rlhf train ppo --config x [--resmue]", parser) == ["--resmue"]
+    assert unknown_flags("rlhf serve reward [--reward-mix=rm=1] --htp-port 8080", parser) == ["--htp-port"]
+    assert unknown_flags("rlhf serve policy --model DIR --port 1 [--max-text-bytes N]", parser) == []

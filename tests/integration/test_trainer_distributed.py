@@ -115,11 +115,18 @@ def test_bf16_compute_keeps_fp32_parameters_on_one_rank_and_on_two(tmp_path, tie
     (the optimizer's master copy) stay fp32, and the update is the fp32 one within bf16's precision
     (~3 significant digits; a forgotten cast or a bf16 master copy is off by far more)."""
     fp32 = torch.load(_run(tmp_path / "fp32", tied_policy_dir, tiny_reward_dir, 1, "float32"))
+    assert fp32["compute_dtypes"] == ["float32"]
     start = initial(tied_policy_dir, tiny_reward_dir)
     for n in (1, 2):
         bf16 = torch.load(_run(tmp_path / f"bf16-{n}", tied_policy_dir, tiny_reward_dir, n, "bfloat16"))
+        assert bf16["compute_dtypes"] == ["bfloat16"]  # every linear layer of policy and value computed in bf16
         assert {t.dtype for t in bf16["params"].values()} == {torch.float32}
         assert_same_update(fp32["params"], bf16["params"], start, 0.25)
+        # ... and the update shows it: bf16's rounding moves it off the fp32 one (0.018-0.022 of the
+        # update measured), where an ignored dtype would match fp32 to reduction-order noise (< 1e-4).
+        moved = max(((bf16["params"][k] - fp32["params"][k]).norm() / (fp32["params"][k] - start[k]).norm()).item()
+                    for k in start)
+        assert moved > 1e-3, moved
 
 
 def _run(out, policy_dir, reward_dir, nproc: int, dtype: str):

@@ -139,3 +139,16 @@ def sigterm_under_load(server, service: str, config, kind: str, *, grace: float,
           f"exit {exit_code} {exit_s:.1f} s after SIGTERM (linger {linger:g} s, grace {grace:.0f} s)",
     )
     return row, failed
+
+
+# grpc core cancels calls it has received but not yet dispatched when server.stop() runs: under
+# continuous load a few end CANCELLED instead of UNAVAILABLE (upstream grpc/grpc#41785, fixed by
+# grpc/grpc#41786; docs/reliability.md). That one check is left out; every other one must hold.
+UPSTREAM_CANCELLED = "only OK and UNAVAILABLE"
+
+
+def assert_drained(row: dict, failed: list[str]) -> None:
+    """Every check of sigterm_under_load but the one the upstream bug breaks, and no code other
+    than OK, UNAVAILABLE and that bug's CANCELLED."""
+    assert not [f for f in failed if f != UPSTREAM_CANCELLED], (failed, row)
+    assert set(row["codes"]) <= {"OK", "UNAVAILABLE", "CANCELLED"}, row["codes"]

@@ -110,24 +110,38 @@ def test_tls_server_refuses_plaintext(tiny_reward_dir, reliability_logs, tls_fil
            errors="plaintext -> UNAVAILABLE, TLS -> OK", result="pass")
 
 
-def test_http_endpoint_of_a_tls_server_is_not_plaintext(mtls, request):
+def test_http_endpoint_of_a_tls_server_is_not_plaintext(mtls, tls_files, request):
     """With --tls-cert the gRPC port refuses plaintext; the OpenRLHF HTTP port of the same
-    server must not take the bearer token in clear text either."""
+    server must not take the bearer token in clear text either. It does listen, and answers
+    HTTPS: a refused connection (nothing listening) must not pass for a refusal of plaintext."""
+    import http.client
+    import ssl
+
     server, _ = mtls
-    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/get_reward", method="POST",
-                                 data=b'{"query": ["a b"], "prompts": ["a"]}',
-                                 headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+
+    def post(scheme: str, context=None):
+        req = urllib.request.Request(f"{scheme}://127.0.0.1:{server.http_port}/get_reward", method="POST",
+                                     data=b'{"query": ["a b"], "prompts": ["a"]}',
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10, context=context) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post("https", ssl.create_default_context(cafile=str(tls_files["ca_cert"]))) == 200
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            status = r.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except (urllib.error.URLError, ConnectionError, OSError):
-        status = None  # refused: what we want
-    record(request, "TLS server's HTTP /get_reward over plaintext", cases=1, faults=1,
-           errors=f"plaintext HTTP answered {status}" if status else "refused",
-           result="pass" if status is None else "FAIL: the token and scores travel in clear text")
-    assert status is None, f"plaintext HTTP with the bearer token was answered {status}"
+        outcome = f"plaintext HTTP answered {post('http')}"
+    except urllib.error.URLError as e:
+        outcome = e.reason if isinstance(e.reason, Exception) else e
+    except (http.client.HTTPException, ConnectionError, OSError) as e:
+        outcome = e
+    refused = isinstance(outcome, (http.client.HTTPException, ConnectionResetError, ssl.SSLError)) or (
+        isinstance(outcome, OSError) and not isinstance(outcome, ConnectionRefusedError))
+    record(request, "TLS server's HTTP /get_reward over plaintext", cases=2, faults=1,
+           errors=f"HTTPS answered 200; plaintext: {type(outcome).__name__} {outcome}"[:200],
+           result="pass" if refused else "FAIL: the token and scores travel in clear text")
+    assert refused, outcome
 
 
 # ---- memory before authentication and limits (issue 13.4) -------------------------------------------

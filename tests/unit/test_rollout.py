@@ -103,3 +103,47 @@ def test_the_prompts_of_a_failing_replica_go_to_the_healthy_one_and_it_is_left_a
     # The broken replica failed its share once, then sat out its backoff while the healthy one did the work.
     assert len(broken.calls) <= 2, len(broken.calls)
     assert replicas.replicas["b:1"].failures >= 1
+
+
+def test_a_failing_dependency_is_reported_from_the_thread_that_calls_it_and_cleared_when_it_answers():
+    """GetStatus said GENERATING for 15 s of a reward outage in a one_step_off run: the background
+    thread retried Score and nothing told the status. Backoff now reports every retried failure."""
+    from services.trainer.control import Control, Phase
+
+    control = Control(total_steps=10)
+    control.set_phase(Phase.GENERATING)
+    backoff = Backoff(initial=0.01, maximum=0.01, deadline=30, on_failing=control.dependency_failing,
+                      on_recovered=control.dependency_ok)
+    seen, failures = [], iter([grpc.StatusCode.UNAVAILABLE] * 3)
+
+    def call():
+        code = next(failures, None)
+        seen.append(control.snapshot())
+        if code is not None:
+            raise RpcError(code)
+        return "scored"
+
+    worker = threading.Thread(target=lambda: seen.append(backoff.retry("reward service", call)))
+    worker.start()
+    worker.join(10)
+    assert seen[-1] == "scored"
+    during = seen[1:4]  # snapshots taken while the earlier calls had failed
+    assert all(s.phase == Phase.WAITING and s.waiting.dependency == "reward service" for s in during), during
+    assert len({s.waiting.since for s in during}) == 1  # since the first failure, not the latest
+    assert "waiting for reward service since" in during[0].message and "UNAVAILABLE" in during[0].message
+    assert seen[0].phase == Phase.GENERATING and control.snapshot().phase == Phase.GENERATING  # cleared
+
+
+def test_the_longest_wait_is_shown_and_a_finished_run_is_not_waiting():
+    from services.trainer.control import Control, Phase
+
+    control = Control(total_steps=1)
+    control.set_phase(Phase.TRAINING)
+    control.dependency_failing("policy replicas", "no replica serves version 3")
+    time.sleep(0.01)
+    control.dependency_failing("reward service", "UNAVAILABLE")
+    assert control.snapshot().waiting.dependency == "policy replicas"
+    control.dependency_ok("policy replicas")
+    assert control.snapshot().waiting.dependency == "reward service"
+    control.finish(Phase.FAILED, "reward service failing for 300 s")
+    assert control.snapshot().phase == Phase.FAILED

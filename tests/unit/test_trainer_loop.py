@@ -138,3 +138,36 @@ def test_print_config_shows_every_default(tmp_path):
     printed = yaml.safe_load(result.stdout)
     assert printed["ppo"]["clip"] == 0.2 and printed["rollout"]["batch_size"] == 64
     assert Config.model_validate(printed) == load(Config, None, REQUIRED)
+
+
+def _fleet_config(**rollout):
+    from services.trainer.config import Config
+    return Config.model_validate(dict(policy_addresses=["a:1"], reward_address="r:1", sft_model="m", prompts="p",
+                                      rollout={"batch_size": 64, "max_tokens": 64, **rollout},
+                                      ppo=dict(advantage="grpo", minibatch_size=16)))
+
+
+def test_the_fleet_check_names_each_limit_and_the_replica():
+    """`--set rollout.n=100000` used to pass --print-config and every check until the first
+    Generate; what the live services will refuse is now said before the first step."""
+    import types
+
+    from services.trainer.config import ConfigError, check_fleet
+
+    policy = types.SimpleNamespace(max_n=64, max_prompts=1024, max_model_len=512)
+    small = types.SimpleNamespace(max_n=64, max_prompts=16, max_model_len=100)
+    reward = types.SimpleNamespace(max_pairs=256, max_length=512)
+    check_fleet(_fleet_config(n=2), 1, {"a:1": policy}, reward, (40, 0))  # fits
+    with pytest.raises(ConfigError) as e:
+        check_fleet(_fleet_config(n=100000), 2, {"a:1": policy, "b:2": small}, reward, (40, 7))
+    text = str(e.value)
+    assert "rollout.n is 100000, above policy replica a:1's limit of 64 completions per prompt (its --max-n)" in text
+    assert "32 prompts per Generate call, above policy replica b:2's limit of 16 (its --max-prompts)" in text
+    assert "prompt 7 of p is 40 tokens, and with rollout.max_tokens 64 that is more than policy replica b:2's " \
+           "max_model_len 100" in text
+    assert "3200000 pairs per Score call, above the reward service's limit of 256 (its --max-pairs)" in text
+    with pytest.raises(ConfigError, match="rollout.max_tokens 600 \\(\\+ EOS\\) is more than the reward model's max "
+                                          "length 512"):
+        check_fleet(_fleet_config(n=2, max_tokens=600), 1, {}, reward, (40, 0))
+    check_fleet(_fleet_config(n=2, max_tokens=600), 1, {}, types.SimpleNamespace(max_pairs=256, max_length=0),
+                (40, 0))  # a rules-only reward service has no length limit
