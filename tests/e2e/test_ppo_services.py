@@ -131,10 +131,12 @@ def test_reward_outage_delays_the_run_shows_in_get_status_and_one_past_the_deadl
         waiting = wait_for(lambda: (s := status()).phase == trainer_pb2.PHASE_WAITING and s, 60, proc, "WAITING")
         assert waiting.waiting_for == "reward service" and "waiting for reward service since" in waiting.message
         assert killed - 1 <= waiting.waiting_since.ToSeconds() + waiting.waiting_since.nanos / 1e9 <= time.time()
+        # The replacement starts now (it loads for seconds, answering UNAVAILABLE meanwhile): the
+        # outage must stay well inside the deadline on a busy machine.
+        reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
         stalled_at = len(read_metrics(out))
         time.sleep(1.5)
         assert len(read_metrics(out)) == stalled_at and status().phase == trainer_pb2.PHASE_WAITING  # held up
-        reward = reward_server(stack["reward_dir"], tmp_path / "reward.log", port).start()
         reward.wait_ready()
         wait_for(lambda: len(read_metrics(out)) >= stalled_at + 2, 300, proc, "steps after the reward service came back")
         after = status()
