@@ -242,6 +242,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-mix", default=None, metavar="NAME=WEIGHT,...",
                    help="weight of each component in the score, e.g. rm=1.0,length=-0.01 (rm is the model; "
                         "default: every weight 1)")
+    p.add_argument("--reward-function-timeout-s", type=float, default=5.0, metavar="S",
+                   help="time limit of one call of a module:function reward function (default 5); past it the "
+                        "function's worker process is stopped and replaced, and the request fails with "
+                        "INVALID_ARGUMENT naming the function")
+    p.add_argument("--reward-function-workers", type=int, default=4, metavar="N",
+                   help="processes that run the module:function reward functions, one request at a time each "
+                        "(default 4)")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="a directory LoadModel may load new reward model versions from (a shared volume); repeat "
+                        "for several. Without it LoadModel is off")
+    p.add_argument("--admin-token-file", default=None, metavar="FILE",
+                   help="a token of its own for LoadModel: then only it may swap the model (it works for every "
+                        "other RPC too); default: LoadModel takes the scoring token")
     p.add_argument("--http-port", type=int, default=0, help="OpenRLHF-compatible POST /get_reward (0 = off)")
     p.add_argument("--http-input", choices=["openrlhf", "pairs"], default="openrlhf",
                    help="openrlhf (default): query is the templated sequence OpenRLHF decodes, scored as "
