@@ -327,7 +327,7 @@ async def _functions(functions, FunctionPool, futures, args) -> list[dict]:
 def _regex_row(re, args) -> list[dict]:
     from services.reward.rules import load_function
 
-    pattern = r"[A-Z][^\n]*[.!?]"  # a format reward: one capitalised sentence
+    pattern = r"[A-Z].*[.!?]"  # a format reward: capitalised, ends a sentence (. across lines: the whole text)
     responses = [r for _, r in samples(512)]
     ours, python = load_function(f"f=builtin:regex:{pattern}").fn, re.compile(pattern, re.DOTALL)
     assert [ours("", r) for r in responses] == [1.0 if python.fullmatch(r) else 0.0 for r in responses]

@@ -99,7 +99,8 @@ def _length(unit: str, free: int) -> Callable[[str, str], float]:
 
 def _regex(pattern) -> Callable[[str, str], float]:
     def regex(prompt: str, response: str) -> float:
-        return 1.0 if pattern.fullmatch(response) else 0.0
+        # As UTF-8 bytes: RE2's own text; a str costs a pass mapping byte offsets back to characters.
+        return 1.0 if pattern.fullmatch(response.encode("utf-8", "surrogatepass")) else 0.0
 
     return regex
 
@@ -108,6 +109,7 @@ def compile_re2(spec: str, pattern: str):
     """`pattern` compiled by RE2 with "." matching newlines; ConfigError saying why RE2 refuses it."""
     options = re2.Options()
     options.dot_nl = True
+    options.never_capture = True  # only whether it matches counts
     options.log_errors = False  # the ConfigError says it; RE2 would also print it to stderr
     try:
         return re2.compile(pattern, options)

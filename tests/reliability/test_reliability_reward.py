@@ -724,7 +724,7 @@ def test_hostile_reward_functions_cannot_stall_or_poison_the_service(hostile, re
         and "SystemExit: 3" in exits[0][0].details() and "KeyboardInterrupt" in exits[1][0].details()
         and "ended its worker process" in exits[2][0].details() and "exits (hostile_rules:exits)" in exits[0][0].details(),
         "serves on": not isinstance(after, grpc.RpcError) and after.results[0].score == 0.0,
-        "health: never silent 1 s": max(health.gaps, default=math.inf) < 1.0 and health.failed == 0,
+        "health: never silent 3 s": max(health.gaps, default=math.inf) < 3.0 and health.failed == 0,
     }
     record(request, "Hostile reward functions (issue 21.1-21.4): inf x weight, (a+)+b regex, 30 s sleep x 5 + an "
                     "unrelated Score, SystemExit / KeyboardInterrupt / os._exit", cases=1 + 2 + 6 + 3 + 1,

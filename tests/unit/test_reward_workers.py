@@ -137,3 +137,32 @@ def test_a_worker_that_cannot_load_its_functions_stops_the_start(loop, tmp_path,
     with pytest.raises(ConfigError, match="could not load the functions: ConfigError: .*not in a worker"):
         run(loop, p.start())
     assert not p._workers
+
+
+def test_the_progress_a_worker_writes_is_never_seen_half_written():
+    """The server reads a worker's start time while the worker writes the next one: a reader must
+    never see 0 (struct.pack_into zeroes the buffer before it writes it: a healthy worker was
+    killed as past its limit, about once in 500 calls under load)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from services.reward.workers import Progress
+
+    writer = ("import sys, time\nfrom services.reward.workers import Progress\n"
+              "p = Progress(int(sys.argv[1]))\nend = time.monotonic() + 1.5\nk = 0\n"
+              "while time.monotonic() < end:\n    k += 1\n    p.set(k % 7, k % 5, time.monotonic())\n")
+    with tempfile.TemporaryFile() as f:
+        f.truncate(Progress.SIZE)
+        progress = Progress(f.fileno())
+        progress.set(-1, -1, time.monotonic())
+        child = subprocess.Popen([sys.executable, "-c", writer, str(f.fileno())], pass_fds=(f.fileno(),),
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    reads, bad = 0, []
+    while child.poll() is None:
+        function, pair, started = progress.get()
+        reads += 1
+        if started == 0.0 or not -1 <= function < 7 or not -1 <= pair < 5:
+            bad.append((function, pair, started))
+    assert child.returncode == 0 and reads > 1000
+    assert not bad, f"{len(bad)} of {reads} reads half-written, e.g. {bad[:3]}"
