@@ -313,6 +313,7 @@ class Scorer:
             raise FailedPrecondition("this service scores with reward functions only (no --model): there is no "
                                      "reward model to replace")
         task = asyncio.ensure_future(self._load_model(model_path, expected_weights_version, if_version))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # logged already, if its caller left
         return await asyncio.shield(task)
 
     async def _load_model(self, model_path: str, expected: str, if_version: str) -> LoadResult:

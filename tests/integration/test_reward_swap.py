@@ -153,7 +153,7 @@ def test_hot_swap_under_load_loses_nothing_and_every_result_names_its_version(se
 
     def watch_health():
         while not done.is_set():
-            health.append(health_status(server.address, SERVICE, SCORING))
+            health.append(health_status(server.address, SERVICE, SCORING, timeout=10.0))
             time.sleep(0.05)
 
     async def scoring(i: int, c: AsyncRewardClient):
@@ -191,14 +191,19 @@ def test_hot_swap_under_load_loses_nothing_and_every_result_names_its_version(se
                                 TOKEN)
             records.append(("http", t0, time.monotonic(), PAIRS[:2], (status, body)))
 
+    async def answered(n: int):  # at least n more requests answered (a loaded machine is slow to start them)
+        goal = len(records) + n
+        while len(records) < goal:
+            await asyncio.sleep(0.05)
+
     async def swapper():
         async with AsyncRewardClient(server.address, ADMINISTRATION) as c:
-            await asyncio.sleep(1.5)
+            await answered(30)
             for name, version in plan:
                 t0 = time.monotonic()
                 reply = await c.load_model(str(root / name))
                 swaps.append((t0, time.monotonic(), version, reply))
-                await asyncio.sleep(1.5)
+                await answered(30)
         done.set()
 
     async def main():
@@ -263,7 +268,7 @@ def test_hot_swap_under_load_loses_nothing_and_every_result_names_its_version(se
     assert metric(server, "rlhf_reward_model_info", model_version=vb) == 1.0
     assert metric(server, "rlhf_reward_model_info", model_version=va) == 0.0
     assert metric(server, "rlhf_reward_model_loads_total", result="swapped") == 3
-    log = server.log_tail(400)
+    log = server.log_tail(1_000_000)
     assert log.count(f"reward model version {va} released") >= 1 and f"reward model version {vb} released" in log
 
 
@@ -363,3 +368,24 @@ def test_the_cli_swaps_every_replica_and_says_what_each_serves(server, root, tmp
     assert f"{server.address}: now serves {weights_version(root / other)}" in out and served.model_version in out
     assert main(["reward", "load-model", str(root / "qwen2"), *flags]) == 1
     assert "FAILED_PRECONDITION: the model in" in capsys.readouterr().err
+
+
+def test_concurrent_loads_are_served_one_after_the_other(server, root):
+    """Two LoadModel calls at once: one waits for the other, then loads (its previous version is
+    the other's); the same directory twice at once: loaded once, the other call says it was
+    already served."""
+    async def main():
+        async with AsyncRewardClient(server.address, ADMINISTRATION) as c:
+            before = await c.model_info()
+            together = await asyncio.gather(c.load_model(str(root / "a")), c.load_model(str(root / "b")))
+            middle = await c.model_info()
+            other = str(root / ("a" if middle.model_path.endswith("/b") else "b"))
+            same = await asyncio.gather(c.load_model(other), c.load_model(other))
+            return before, together, middle, same, await c.model_info()
+
+    before, together, middle, same, after = asyncio.run(main())
+    earlier, later = sorted(together, key=lambda r: r.previous_version != before.model_version)
+    assert earlier.previous_version == before.model_version and later.previous_version == earlier.model_version
+    assert middle.model_version == later.model_version and later.changed
+    assert sorted(r.changed for r in same) == [False, True]
+    assert {r.model_version for r in same} == {after.model_version} and after.model_version != middle.model_version
