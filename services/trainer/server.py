@@ -15,7 +15,8 @@ PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Pha
 # StepMetrics fields without a field of their own in the message: they go to `extra`.
 EXTRA = ("pushed_version", "score_mean", "kl_loss", "logprob_gap", "completions", "completions_dropped", "completions_empty",
          "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs",
-         "is_weight_mean", "is_weight_max", "is_capped_share", "rollout_seconds", "rollout_hidden")
+         "is_weight_mean", "is_weight_max", "is_capped_share", "rollout_seconds", "rollout_hidden",
+         "completions_rescored", "completions_dropped_reward_version")
 
 
 def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
@@ -24,8 +25,9 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         clip_fraction=m.clip_fraction, approx_kl=m.approx_kl, policy_loss=m.policy_loss, value_loss=m.value_loss,
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
         extra={**{key: float(getattr(m, key)) for key in EXTRA},
-               **{f"reward_{name}": value for name, value in m.reward_components.items()}},
-        time=_timestamp(m.time))
+               **{f"reward_{name}": value for name, value in m.reward_components.items()},
+               **{f"reward_scored_by_{version}": float(n) for version, n in m.reward_versions.items()}},
+        time=_timestamp(m.time), reward_model_version=m.reward_version)
 
 
 def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
@@ -39,7 +41,8 @@ def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
         replicas=[replica_status(r) for r in s.replicas], replicas_in_sync=sum(r.in_sync for r in s.replicas),
         last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message,
         waiting_for=s.waiting.dependency if s.waiting else "",
-        waiting_since=_timestamp(s.waiting.since) if s.waiting else None)
+        waiting_since=_timestamp(s.waiting.since) if s.waiting else None,
+        reward_model_version=s.last.reward_version if s.last else "")
 
 
 def _timestamp(t: float) -> timestamp_pb2.Timestamp:
