@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = _command(train, name, target, help)
         _add_job_args(p)
-        p.add_argument("--model", help="Hugging Face model directory to start from")
+        p.add_argument("--model", help="Hugging Face model directory to start from" + (
+            " (rm: or --init)" if name == "rm" else ""))
         p.add_argument("--data", help="JSONL, JSON or Parquet file, save_to_disk directory or hub id, in a TRL format")
         p.add_argument("--data-split", help="split of a directory or hub data set (default train)")
         _add_column_args(p, ("prompt", "completion", "response", "messages", "text") if name == "sft"
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-fraction", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+        if name == "rm":
+            p.add_argument("--init", metavar="DIR",
+                           help="refresh: continue from this trained reward model (the served one) on --data, e.g. "
+                                "a feedback database (sqlite:///FILE, postgresql://...); mix in old comparisons with "
+                                "--set replay.data=FILE --set replay.share=0.5")
     p = _command(train, "ppo", "services.trainer.loop:main", "online PPO against live policy and reward services")
     _add_job_args(p)
     p.add_argument("--policy", action="append", dest="policy_addresses", metavar="HOST:PORT",
