@@ -244,8 +244,8 @@ def test_the_api_examples_of_the_docs_hold(feedback):
     examples = list(EXAMPLE.finditer(doc))
     assert len(examples) == 4, "docs/feedback.md: the four API examples are not where this test expects them"
     token, url0 = feedback["tokens"]["api"], feedback["url"]
-    # bob judges a pair first; `api` is shown it again (--overlap 1.0, the newest pair judged once) and
-    # agrees, so the agreement in the answers is a number, as in the docs.
+    # bob judges a pair first, so that some pair is judged once: with --overlap 1.0, `api` is shown one
+    # such pair again and its agreement in the answers is a number, as in the docs.
     bob = feedback["tokens"]["bob"]
     bobs = json.loads(http("GET", f"{url0}/api/v1/pair", token=bob)[2])
     assert http("POST", f"{url0}/api/v1/judgments", token=bob, headers={"Content-Type": "application/json"},
@@ -266,9 +266,8 @@ def test_the_api_examples_of_the_docs_hold(feedback):
         assert got and conforms(got[0], expected[0]), (example["curl"], got[0], expected[0])
         if url.endswith("/api/v1/pair"):
             pair_id = got[0]["pair_id"]
-            assert pair_id == bobs["pair_id"]
         if url.endswith("/api/v1/judgments"):
-            assert got[0]["stats"]["agreement"] == {"compared": 1, "agreed": 1, "rate": 1.0}
+            assert got[0]["stats"]["agreement"]["compared"] == 1, got[0]
 
 
 def test_the_client_and_the_limits(feedback):
