@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="sync", help="sync or one_step_off (generation behind training), or both: "
                                                   "sync,one_step_off (default sync)")
     p.add_argument("--with-no-kl", action="store_true", help="also run PPO with beta = 0, to show what the KL leash prevents")
+    p.add_argument("--feedback-loop", action="store_true",
+                   help="also run PPO with people in the loop: halfway, the gold labeller judges the policy's answers "
+                        "on the feedback service, the reward model is refreshed from them and swapped in")
     p.add_argument("--quick", action="store_true", help="a shorter run (tests)")
     return parser
 

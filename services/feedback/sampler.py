@@ -4,7 +4,8 @@ with their asyncio methods), so this module imports no transport.
 
 Both answers come from one Generate call with n = 2, so they share the weight version: a pair
 never compares two policies. Prompts are drawn uniformly from the prompt set (TRL's prompt-only
-format, read by services.trainer.formats: a string or a conversation per row).
+format, read by services.trainer.formats: a string or a conversation per row; a string is one user
+turn, as in PPO).
 """
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def load_prompts(path: str, prompt_key: str | None = None) -> list:
     return formats.prompts(rows, path)
 
 
+def as_conversation(prompt) -> list[dict]:
+    """What the policy is sent: a string prompt is one user turn, rendered by the served chat
+    template, as the trainer renders it (services.common.text.format_prompt); a text prompt to the
+    policy service would be raw completion text."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 class Sampler:
     def __init__(self, prompts: list, policy, reward, sampling: Sampling, seed: int | None = None):
         if not prompts:
@@ -48,7 +56,7 @@ class Sampler:
         """A new pair; Unavailable when the policy cannot answer (the page says so and retries)."""
         prompt = self.rng.choice(self.prompts)
         try:
-            (result,) = await self.policy.generate([prompt], n=2, **self.sampling.as_dict())
+            (result,) = await self.policy.generate([as_conversation(prompt)], n=2, **self.sampling.as_dict())
         except Exception as e:  # noqa: BLE001 - an RPC error of any kind: the policy is not there for us
             raise Unavailable(f"the policy service did not answer: {_brief(e)}") from None
         first, second = result.completions[:2]
