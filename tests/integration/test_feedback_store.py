@@ -158,3 +158,34 @@ def test_concurrent_labellers_lose_no_judgment(store):
         assert sorted(pool.map(work, labellers)) == ["l0", "l1", "l2", "l3"]
     assert store.counts() == {"pairs": 40, "judgments": 40, "labellers": 4}
     assert len(store.export_rows()) == 40
+
+
+def test_the_operators_commands(tmp_path, capsys):
+    """`rlhf feedback ...` on a SQLite file: migrate, labellers in and out, tokens once; and the
+    server refuses an old schema with --no-migrate (exit 2, saying what to run)."""
+    from services.cli import main
+
+    db = f"sqlite:///{tmp_path / 'f.db'}"
+    assert main(["serve", "feedback", "--db", db, "--no-migrate", "--policy", "x:1", "--prompts", "p.jsonl"]) == 2
+    assert "rlhf feedback migrate" in capsys.readouterr().err
+    assert main(["feedback", "add-labeller", "ann", "--db", db]) == 2  # not migrated yet
+    assert main(["feedback", "migrate", "--db", db]) == 0
+    capsys.readouterr()
+    assert main(["feedback", "add-labeller", "ann", "--db", db]) == 0
+    token = capsys.readouterr().out.strip()
+    store = Store(db)
+    assert store.by_token(token).name == "ann"
+    assert main(["feedback", "add-labeller", "ann", "--db", db]) == 2 and "exists" in capsys.readouterr().err
+    assert main(["feedback", "disable", "ann", "--db", db]) == 0
+    with pytest.raises(Unauthenticated):
+        store.by_token(token)
+    assert main(["feedback", "enable", "ann", "--db", db]) == 0
+    assert main(["feedback", "add-labeller", "ann", "--rotate", "--db", db]) == 0
+    capsys.readouterr()
+    with pytest.raises(Unauthenticated):
+        store.by_token(token)
+    assert main(["feedback", "labellers", "--db", db]) == 0
+    assert capsys.readouterr().out == "ann\tactive\t0 judgments\n"
+    assert main(["feedback", "export", "--db", db, "--out", str(tmp_path / "x.jsonl")]) == 0
+    assert (tmp_path / "x.jsonl").read_text() == "" and "0 preference rows" in capsys.readouterr().out
+    store.close()
