@@ -104,7 +104,6 @@ def test_interrupted_demo_leaves_no_child_and_no_port(tmp_path):
     assert proc.wait(timeout=120) != 0
     assert seen and ports
     time.sleep(1)
-    check_feedback_loop(out, results, report)
     assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     listening = {c.laddr.port for c in psutil.net_connections() if c.status == psutil.CONN_LISTEN}
     assert not ports & listening
