@@ -29,7 +29,8 @@ LABELLERS = ("gold-a", "gold-b")
 FLIP = 0.1
 OVERLAP = 0.25  # share of pairs the second person judges too
 JUDGMENTS = 240  # both people together; --quick: half
-EVAL_PROMPTS = 64  # held-out prompts, one pair of answers each, for the before/after agreement
+EVAL_PROMPTS = 64  # held-out prompts for the before/after agreement ...
+PAIRS_PER_PROMPT = 3  # ... with this many pairs of answers each
 REPLAY_SHARE = 0.5  # as many old comparisons as new ones in the refresh
 
 
@@ -67,32 +68,37 @@ def label_pairs(url: str, tokens: dict[str, str], total: int, seed: int) -> dict
 
 
 def eval_pairs(policy, prompts: list[str], max_tokens: int) -> list[tuple[str, str, str, str]]:
-    """(prompt, first, second, gold choice) of the policy's current answers, where gold prefers one."""
+    """(prompt, first, second, gold choice) of the policy's current answers, PAIRS_PER_PROMPT pairs per
+    prompt, where gold prefers one (a policy that mostly writes one kind gives many ties)."""
     from services.demo import gold
-
     from services.feedback.sampler import as_conversation
 
-    results = policy.generate([as_conversation(p) for p in prompts], n=2, max_tokens=max_tokens, temperature=1.0)
+    results = policy.generate([as_conversation(p) for p in prompts], n=2 * PAIRS_PER_PROMPT, max_tokens=max_tokens,
+                              temperature=1.0)
     pairs = []
     for prompt, result in zip(prompts, results):
-        a, b = (c.text for c in result.completions[:2])
-        choice = gold.choice(a, b)
-        if choice != "tie" and a.strip() and b.strip():
-            pairs.append((prompt, a, b, choice))
+        texts = [c.text for c in result.completions]
+        for a, b in zip(texts[0::2], texts[1::2]):
+            choice = gold.choice(a, b)
+            if choice != "tie" and a.strip() and b.strip():
+                pairs.append((prompt, a, b, choice))
     return pairs
 
 
 def rm_agreement(reward, pairs) -> tuple[float, str]:
     """(share of pairs the served reward model orders as the gold labeller does, its version)."""
     flat = [(p, text) for p, a, b, _ in pairs for text in (a, b)]
-    reply = reward.score(flat, truncation="keep_end_of_prompt")
-    scores = [r.score for r in reply.results]
+    scores, version = [], None
+    for i in range(0, len(flat), 128):  # within the service's --max-pairs
+        reply = reward.score(flat[i:i + 128], truncation="keep_end_of_prompt")
+        scores += [r.score for r in reply.results]
+        version = reply.model_version
     agreed = 0.0
     for i, (_, _, _, choice) in enumerate(pairs):
         margin = scores[2 * i] - scores[2 * i + 1]
         margin = margin if choice == "first" else -margin
         agreed += 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
-    return agreed / len(pairs), reply.model_version
+    return agreed / len(pairs), version
 
 
 @contextlib.contextmanager

@@ -94,7 +94,10 @@ def test_refresh_from_the_feedback_database_learns_the_new_taste_and_reports_old
     assert len(rows) == 240 + 80 and noise_ceiling(str(export), rows) == pytest.approx(agreement)
 
 
-def test_a_refresh_is_refused_clearly(served, tmp_path):
+def test_a_refresh_is_refused_clearly(served, tmp_path, capsys):
+    """Exit 2 (a bad config or data: no retry helps) with the reason, before any training."""
+    from services.cli import main
+
     rm0, data, _ = served
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     Store(empty).migrate()
@@ -105,6 +108,6 @@ def test_a_refresh_is_refused_clearly(served, tmp_path):
         (("--data", empty), "model is required (or init"),
         (("--init", rm0, "--data", empty, "--set", "replay.share=1"), "replay.share"),
     ):
-        result = subprocess.run([sys.executable, "-m", "services.cli", "train", "rm", *map(str, args), "--out",
-                                 str(tmp_path / "x")], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-2000:])
+        code = main(["train", "rm", *map(str, args), "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err[-2000:])
