@@ -332,8 +332,8 @@ class Store:
         """Record `who`'s choice on a pair that was shown to them; returns the judgment's id."""
         if choice not in rules.CHOICES:
             raise InvalidArgument(f"choice must be one of {list(rules.CHOICES)}, got {str(choice)[:40]!r}")
-        if not isinstance(pair_id, int) or isinstance(pair_id, bool):
-            raise InvalidArgument(f"pair_id must be an integer, got {str(pair_id)[:40]!r}")
+        if not isinstance(pair_id, int) or isinstance(pair_id, bool) or not 0 < pair_id < 2 ** 31:
+            raise InvalidArgument(f"pair_id must be a positive integer (a pair's id), got {str(pair_id)[:40]!r}")
         with self._session.begin() as s:
             judgment = s.scalar(sa.select(Judgment).where(Judgment.pair_id == pair_id,
                                                           Judgment.labeller_id == who.labeller_id)

@@ -95,8 +95,9 @@ def test_a_choice_answers_only_a_pair_shown_and_only_once(store):
         store.judge(bob, shown.pair_id, "first")
     with pytest.raises(InvalidArgument, match="choice must be one of"):
         store.judge(ann, shown.pair_id, "better")
-    with pytest.raises(InvalidArgument, match="pair_id must be an integer"):
-        store.judge(ann, "1", "first")
+    for bad in ("1", 2 ** 40, -1, True):  # a string, past the column's range, negative, a bool
+        with pytest.raises(InvalidArgument, match="pair_id must be a positive integer"):
+            store.judge(ann, bad, "first")
     store.judge(ann, shown.pair_id, "first")
     with pytest.raises(FailedPrecondition, match="judged already"):
         store.judge(ann, shown.pair_id, "second")
