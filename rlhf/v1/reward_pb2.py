@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"[\n\tScorePair\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12\'\n\x08response\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\"\x81\x01\n\x0cScoreRequest\x12!\n\x05pairs\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScorePair\x12\'\n\ntruncation\x18\x02 \x01(\x0e\x32\x13.rlhf.v1.Truncation\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xc3\x01\n\x0bScoreResult\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\traw_score\x18\x02 \x01(\x02\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x38\n\ncomponents\x18\x05 \x03(\x0b\x32$.rlhf.v1.ScoreResult.ComponentsEntry\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"a\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xad\x01\n\x0e\x43ompareRequest\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12$\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12%\n\x06second\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12\'\n\ntruncation\x18\x04 \x01(\x0e\x32\x13.rlhf.v1.Truncation\"\x84\x01\n\x0f\x43ompareResponse\x12\x13\n\x0b\x66irst_score\x18\x01 \x01(\x02\x12\x14\n\x0csecond_score\x18\x02 \x01(\x02\x12\x1c\n\x14prob_first_preferred\x18\x03 \x01(\x02\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xd3\x02\n\x0fRewardModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nscore_mean\x18\x06 \x01(\x02\x12\x11\n\tscore_std\x18\x07 \x01(\x02\x12\x15\n\reval_accuracy\x18\x08 \x01(\x02\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x11\n\tmax_pairs\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12,\n\ncomponents\x18\r \x03(\x0b\x32\x18.rlhf.v1.RewardComponent\x12\x16\n\x0emax_text_bytes\x18\x0e \x01(\r\"M\n\x0fRewardComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t*b\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x15\n\x11TRUNCATION_REJECT\x10\x01\x12!\n\x1dTRUNCATION_KEEP_END_OF_PROMPT\x10\x02\x32\x8f\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12@\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse(\x01\x30\x01\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12\x46\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x18.rlhf.v1.RewardModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"[\n\tScorePair\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12\'\n\x08response\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\"\x81\x01\n\x0cScoreRequest\x12!\n\x05pairs\x18\x01 \x03(\x0b\x32\x12.rlhf.v1.ScorePair\x12\'\n\ntruncation\x18\x02 \x01(\x0e\x32\x13.rlhf.v1.Truncation\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xda\x01\n\x0bScoreResult\x12\r\n\x05score\x18\x01 \x01(\x02\x12\x11\n\traw_score\x18\x02 \x01(\x02\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12\x12\n\nnum_tokens\x18\x04 \x01(\r\x12\x38\n\ncomponents\x18\x05 \x03(\x0b\x32$.rlhf.v1.ScoreResult.ComponentsEntry\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"a\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.rlhf.v1.ScoreResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xad\x01\n\x0e\x43ompareRequest\x12%\n\x06prompt\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12$\n\x05\x66irst\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12%\n\x06second\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.TextOrTokens\x12\'\n\ntruncation\x18\x04 \x01(\x0e\x32\x13.rlhf.v1.Truncation\"\x84\x01\n\x0f\x43ompareResponse\x12\x13\n\x0b\x66irst_score\x18\x01 \x01(\x02\x12\x14\n\x0csecond_score\x18\x02 \x01(\x02\x12\x1c\n\x14prob_first_preferred\x18\x03 \x01(\x02\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\xa8\x03\n\x0fRewardModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nmax_length\x18\x04 \x01(\r\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nscore_mean\x18\x06 \x01(\x02\x12\x11\n\tscore_std\x18\x07 \x01(\x02\x12\x15\n\reval_accuracy\x18\x08 \x01(\x02\x12\x13\n\x0binstance_id\x18\t \x01(\t\x12\x11\n\tmax_pairs\x18\n \x01(\r\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\r\x12,\n\ncomponents\x18\r \x03(\x0b\x32\x18.rlhf.v1.RewardComponent\x12\x16\n\x0emax_text_bytes\x18\x0e \x01(\r\x12\x17\n\x0fweights_version\x18\x0f \x01(\t\x12\x12\n\nmodel_path\x18\x10 \x01(\t\x12\x11\n\tloaded_at\x18\x11 \x01(\x01\x12\x13\n\x0bmodel_roots\x18\x12 \x03(\t\"\\\n\x10LoadModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12 \n\x18\x65xpected_weights_version\x18\x02 \x01(\t\x12\x12\n\nif_version\x18\x03 \x01(\t\"\x98\x01\n\x11LoadModelResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x18\n\x10previous_version\x18\x02 \x01(\t\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\x12\x17\n\x0fweights_version\x18\x04 \x01(\t\x12\x12\n\nmodel_path\x18\x05 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x06 \x01(\x08\"M\n\x0fRewardComponent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t*b\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x15\n\x11TRUNCATION_REJECT\x10\x01\x12!\n\x1dTRUNCATION_KEEP_END_OF_PROMPT\x10\x02\x32\xd3\x02\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12@\n\x0bScoreStream\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse(\x01\x30\x01\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12\x46\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x18.rlhf.v1.RewardModelInfo\x12\x42\n\tLoadModel\x12\x19.rlhf.v1.LoadModelRequest\x1a\x1a.rlhf.v1.LoadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCORERESULT_COMPONENTSENTRY']._loaded_options = None
   _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_TRUNCATION']._serialized_start=1309
-  _globals['_TRUNCATION']._serialized_end=1407
+  _globals['_TRUNCATION']._serialized_start=1666
+  _globals['_TRUNCATION']._serialized_end=1764
   _globals['_SCOREPAIR']._serialized_start=55
   _globals['_SCOREPAIR']._serialized_end=146
   _globals['_SCOREREQUEST']._serialized_start=149
   _globals['_SCOREREQUEST']._serialized_end=278
   _globals['_SCORERESULT']._serialized_start=281
-  _globals['_SCORERESULT']._serialized_end=476
-  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_start=427
-  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_end=476
-  _globals['_SCORERESPONSE']._serialized_start=478
-  _globals['_SCORERESPONSE']._serialized_end=575
-  _globals['_COMPAREREQUEST']._serialized_start=578
-  _globals['_COMPAREREQUEST']._serialized_end=751
-  _globals['_COMPARERESPONSE']._serialized_start=754
-  _globals['_COMPARERESPONSE']._serialized_end=886
-  _globals['_REWARDMODELINFO']._serialized_start=889
-  _globals['_REWARDMODELINFO']._serialized_end=1228
-  _globals['_REWARDCOMPONENT']._serialized_start=1230
-  _globals['_REWARDCOMPONENT']._serialized_end=1307
-  _globals['_REWARDSERVICE']._serialized_start=1410
-  _globals['_REWARDSERVICE']._serialized_end=1681
+  _globals['_SCORERESULT']._serialized_end=499
+  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_start=450
+  _globals['_SCORERESULT_COMPONENTSENTRY']._serialized_end=499
+  _globals['_SCORERESPONSE']._serialized_start=501
+  _globals['_SCORERESPONSE']._serialized_end=598
+  _globals['_COMPAREREQUEST']._serialized_start=601
+  _globals['_COMPAREREQUEST']._serialized_end=774
+  _globals['_COMPARERESPONSE']._serialized_start=777
+  _globals['_COMPARERESPONSE']._serialized_end=909
+  _globals['_REWARDMODELINFO']._serialized_start=912
+  _globals['_REWARDMODELINFO']._serialized_end=1336
+  _globals['_LOADMODELREQUEST']._serialized_start=1338
+  _globals['_LOADMODELREQUEST']._serialized_end=1430
+  _globals['_LOADMODELRESPONSE']._serialized_start=1433
+  _globals['_LOADMODELRESPONSE']._serialized_end=1585
+  _globals['_REWARDCOMPONENT']._serialized_start=1587
+  _globals['_REWARDCOMPONENT']._serialized_end=1664
+  _globals['_REWARDSERVICE']._serialized_start=1767
+  _globals['_REWARDSERVICE']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)

@@ -150,6 +150,7 @@ class ScoreResult(_message.Message):
     TRUNCATED_FIELD_NUMBER: _builtins.int
     NUM_TOKENS_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     score: _builtins.float
     """The reward: raw, or normalized when asked."""
     raw_score: _builtins.float
@@ -158,6 +159,11 @@ class ScoreResult(_message.Message):
     """True when prompt tokens were dropped to fit."""
     num_tokens: _builtins.int
     """Tokens the model read for this pair."""
+    model_version: _builtins.str
+    """The version that scored this pair (RewardModelInfo.model_version at the
+    time): the same for every result of one response. Empty only from
+    servers older than this field.
+    """
     @_builtins.property
     def components(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """The value of every reward component for this pair, by name ("rm" for the
@@ -175,10 +181,11 @@ class ScoreResult(_message.Message):
         truncated: _builtins.bool = ...,
         num_tokens: _builtins.int = ...,
         components: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "num_tokens", b"num_tokens", "raw_score", b"raw_score", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "model_version", b"model_version", "num_tokens", b"num_tokens", "raw_score", b"raw_score", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -192,7 +199,9 @@ class ScoreResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
-    """Identifies what scored (see RewardModelInfo.model_version)."""
+    """Identifies what scored every result of this response (see
+    RewardModelInfo.model_version); each result says it too.
+    """
     request_id: _builtins.str
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreResult]:
@@ -260,6 +269,9 @@ class CompareResponse(_message.Message):
     """Bradley-Terry probability that first is preferred, in [0, 1]."""
     truncated: _builtins.bool
     model_version: _builtins.str
+    """The version that scored both responses (one version, even across a
+    LoadModel).
+    """
     def __init__(
         self,
         *,
@@ -295,6 +307,10 @@ class RewardModelInfo(_message.Message):
     MAX_BATCH_TOKENS_FIELD_NUMBER: _builtins.int
     COMPONENTS_FIELD_NUMBER: _builtins.int
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
+    WEIGHTS_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    LOADED_AT_FIELD_NUMBER: _builtins.int
+    MODEL_ROOTS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """The reward model's directory name; empty without a reward model (a
     service of reward functions only), as are architecture and dtype.
@@ -308,6 +324,8 @@ class RewardModelInfo(_message.Message):
     """Content hash of the weights (first 16 hex digits of SHA-256). With reward
     functions, a hash of that and of every component's name, weight and
     source: another mix is another version. A function's code is not hashed.
+    Changes with LoadModel; every ScoreResult names the version that scored
+    it.
     """
     score_mean: _builtins.float
     """Score statistics over the training responses, used by normalize."""
@@ -324,9 +342,21 @@ class RewardModelInfo(_message.Message):
     max_batch_tokens: _builtins.int
     max_text_bytes: _builtins.int
     """Limit of one text, in bytes (--max-text-bytes)."""
+    weights_version: _builtins.str
+    """Content hash of the reward model's weights alone (model_version without
+    the reward functions); empty without a reward model.
+    """
+    model_path: _builtins.str
+    """The directory the served reward model was loaded from, resolved."""
+    loaded_at: _builtins.float
+    """When it was loaded, unix seconds."""
     @_builtins.property
     def components(self) -> _containers.RepeatedCompositeFieldContainer[Global___RewardComponent]:
         """What Score returns: the weighted sum of these components."""
+
+    @_builtins.property
+    def model_roots(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where LoadModel may load from (--model-root); empty: LoadModel is off."""
 
     def __init__(
         self,
@@ -345,14 +375,99 @@ class RewardModelInfo(_message.Message):
         max_batch_tokens: _builtins.int = ...,
         components: _abc.Iterable[Global___RewardComponent] | None = ...,
         max_text_bytes: _builtins.int = ...,
+        weights_version: _builtins.str = ...,
+        model_path: _builtins.str = ...,
+        loaded_at: _builtins.float = ...,
+        model_roots: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "components", b"components", "dtype", b"dtype", "eval_accuracy", b"eval_accuracy", "instance_id", b"instance_id", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "max_pairs", b"max_pairs", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "model_version", b"model_version", "score_mean", b"score_mean", "score_std", b"score_std"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "components", b"components", "dtype", b"dtype", "eval_accuracy", b"eval_accuracy", "instance_id", b"instance_id", "loaded_at", b"loaded_at", "max_batch_size", b"max_batch_size", "max_batch_tokens", b"max_batch_tokens", "max_length", b"max_length", "max_pairs", b"max_pairs", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "model_path", b"model_path", "model_roots", b"model_roots", "model_version", b"model_version", "score_mean", b"score_mean", "score_std", b"score_std", "weights_version", b"weights_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RewardModelInfo: _TypeAlias = RewardModelInfo  # noqa: Y015
+
+@_typing.final
+class LoadModelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    EXPECTED_WEIGHTS_VERSION_FIELD_NUMBER: _builtins.int
+    IF_VERSION_FIELD_NUMBER: _builtins.int
+    model_path: _builtins.str
+    """The model's directory (Hugging Face layout: config, safetensors,
+    tokenizer, optionally reward_meta.json), absolute, under one of the
+    server's --model-root directories. At most 4096 bytes.
+    """
+    expected_weights_version: _builtins.str
+    """When set: load only if the weights in model_path hash to this version
+    (RewardModelInfo.weights_version, 16 hex digits), so that files still
+    being written or changed since they were checked are refused
+    (FAILED_PRECONDITION) rather than served.
+    """
+    if_version: _builtins.str
+    """When set: load only if the service serves this model_version now
+    (FAILED_PRECONDITION otherwise), so that of two controllers swapping the
+    same service, neither undoes the other unknowingly.
+    """
+    def __init__(
+        self,
+        *,
+        model_path: _builtins.str = ...,
+        expected_weights_version: _builtins.str = ...,
+        if_version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_weights_version", b"expected_weights_version", "if_version", b"if_version", "model_path", b"model_path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelRequest: _TypeAlias = LoadModelRequest  # noqa: Y015
+
+@_typing.final
+class LoadModelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    WEIGHTS_VERSION_FIELD_NUMBER: _builtins.int
+    MODEL_PATH_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    model_version: _builtins.str
+    """What every result carries from now on (RewardModelInfo.model_version)."""
+    previous_version: _builtins.str
+    """The version served before."""
+    load_seconds: _builtins.float
+    """Seconds to check the path, hash, load and check the model, and swap."""
+    weights_version: _builtins.str
+    """Content hash of the new weights (RewardModelInfo.weights_version)."""
+    model_path: _builtins.str
+    """The directory loaded, resolved."""
+    changed: _builtins.bool
+    """False when that directory, with the same weights, was already served (a
+    repeated call): nothing was loaded, and previous_version equals
+    model_version.
+    """
+    def __init__(
+        self,
+        *,
+        model_version: _builtins.str = ...,
+        previous_version: _builtins.str = ...,
+        load_seconds: _builtins.float = ...,
+        weights_version: _builtins.str = ...,
+        model_path: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "load_seconds", b"load_seconds", "model_path", b"model_path", "model_version", b"model_version", "previous_version", b"previous_version", "weights_version", b"weights_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadModelResponse: _TypeAlias = LoadModelResponse  # noqa: Y015
 
 @_typing.final
 class RewardComponent(_message.Message):

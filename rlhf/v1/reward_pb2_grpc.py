@@ -55,6 +55,11 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_common__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.RewardModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/rlhf.v1.RewardService/LoadModel',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -93,6 +98,48 @@ class RewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Serve another version of the reward model from now on, without a
+        restart: a Hugging Face directory on the server's filesystem (a shared
+        volume), under one of the server's --model-root directories.
+
+        Atomic: every Score, ScoreStream message and Compare is scored from start
+        to end by one model version, the one served when it arrived, and each
+        result names it (ScoreResult.model_version). Requests in flight finish on
+        the old model; every request that arrives after LoadModel has answered is
+        scored by the new one. The old model is freed once its last request is
+        done (until then both are in memory). The normalisation statistics
+        (reward_meta.json: score_mean, score_std) and eval_accuracy switch with
+        the model. Health stays SERVING throughout; loading runs off the request
+        path. One load at a time: a second LoadModel waits for the one before.
+
+        A load that fails changes nothing: the old model goes on serving. A
+        caller that gives up (deadline, cancel) does not stop a load; calling
+        again with the same model_path answers at once, with changed = false,
+        once that directory's weights are served.
+
+        Errors: INVALID_ARGUMENT for a model_path that is empty, relative, over
+        4096 bytes or holds NUL; PERMISSION_DENIED for one with a '..' part, or
+        outside every --model-root after resolving symlinks (the directory and
+        each file in it); NOT_FOUND when it is not a directory;
+        FAILED_PRECONDITION when the server has no --model-root (LoadModel off)
+        or serves reward functions only, when if_version or
+        expected_weights_version do not match, when the files cannot be loaded
+        (corrupt safetensors, no config: the message says what the loader said),
+        and when the model does not fit the one served, with every difference
+        listed: the tokenizer (vocabulary, special tokens, chat template), the
+        embedding rows, the architecture, num_labels != 1, a max length below the
+        served one; RESOURCE_EXHAUSTED when loading runs out of memory.
+
+        Auth: with --admin-token-file, only that token may call LoadModel (the
+        scoring token gets PERMISSION_DENIED); it also works for every other RPC.
+        Without one, the bearer token of every RPC (when auth is on). Not retried
+        by the clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +162,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=rlhf_dot_v1_dot_common__pb2.GetModelInfoRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.RewardModelInfo.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.LoadModelRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.LoadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +277,33 @@ class RewardService:
             '/rlhf.v1.RewardService/GetModelInfo',
             rlhf_dot_v1_dot_common__pb2.GetModelInfoRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.RewardModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/LoadModel',
+            rlhf_dot_v1_dot_reward__pb2.LoadModelRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

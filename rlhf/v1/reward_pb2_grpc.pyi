@@ -49,6 +49,44 @@ class RewardServiceStub:
     with the scores of Score (the mix, raw).
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _reward_pb2.RewardModelInfo]
+    LoadModel: _grpc.UnaryUnaryMultiCallable[_reward_pb2.LoadModelRequest, _reward_pb2.LoadModelResponse]
+    """Serve another version of the reward model from now on, without a
+    restart: a Hugging Face directory on the server's filesystem (a shared
+    volume), under one of the server's --model-root directories.
+
+    Atomic: every Score, ScoreStream message and Compare is scored from start
+    to end by one model version, the one served when it arrived, and each
+    result names it (ScoreResult.model_version). Requests in flight finish on
+    the old model; every request that arrives after LoadModel has answered is
+    scored by the new one. The old model is freed once its last request is
+    done (until then both are in memory). The normalisation statistics
+    (reward_meta.json: score_mean, score_std) and eval_accuracy switch with
+    the model. Health stays SERVING throughout; loading runs off the request
+    path. One load at a time: a second LoadModel waits for the one before.
+
+    A load that fails changes nothing: the old model goes on serving. A
+    caller that gives up (deadline, cancel) does not stop a load; calling
+    again with the same model_path answers at once, with changed = false,
+    once that directory's weights are served.
+
+    Errors: INVALID_ARGUMENT for a model_path that is empty, relative, over
+    4096 bytes or holds NUL; PERMISSION_DENIED for one with a '..' part, or
+    outside every --model-root after resolving symlinks (the directory and
+    each file in it); NOT_FOUND when it is not a directory;
+    FAILED_PRECONDITION when the server has no --model-root (LoadModel off)
+    or serves reward functions only, when if_version or
+    expected_weights_version do not match, when the files cannot be loaded
+    (corrupt safetensors, no config: the message says what the loader said),
+    and when the model does not fit the one served, with every difference
+    listed: the tokenizer (vocabulary, special tokens, chat template), the
+    embedding rows, the architecture, num_labels != 1, a max length below the
+    served one; RESOURCE_EXHAUSTED when loading runs out of memory.
+
+    Auth: with --admin-token-file, only that token may call LoadModel (the
+    scoring token gets PERMISSION_DENIED); it also works for every other RPC.
+    Without one, the bearer token of every RPC (when auth is on). Not retried
+    by the clients.
+    """
 
 @_typing.type_check_only
 class RewardServiceAsyncStub(RewardServiceStub):
@@ -68,6 +106,44 @@ class RewardServiceAsyncStub(RewardServiceStub):
     with the scores of Score (the mix, raw).
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _reward_pb2.RewardModelInfo]  # type: ignore[assignment]
+    LoadModel: _aio.UnaryUnaryMultiCallable[_reward_pb2.LoadModelRequest, _reward_pb2.LoadModelResponse]  # type: ignore[assignment]
+    """Serve another version of the reward model from now on, without a
+    restart: a Hugging Face directory on the server's filesystem (a shared
+    volume), under one of the server's --model-root directories.
+
+    Atomic: every Score, ScoreStream message and Compare is scored from start
+    to end by one model version, the one served when it arrived, and each
+    result names it (ScoreResult.model_version). Requests in flight finish on
+    the old model; every request that arrives after LoadModel has answered is
+    scored by the new one. The old model is freed once its last request is
+    done (until then both are in memory). The normalisation statistics
+    (reward_meta.json: score_mean, score_std) and eval_accuracy switch with
+    the model. Health stays SERVING throughout; loading runs off the request
+    path. One load at a time: a second LoadModel waits for the one before.
+
+    A load that fails changes nothing: the old model goes on serving. A
+    caller that gives up (deadline, cancel) does not stop a load; calling
+    again with the same model_path answers at once, with changed = false,
+    once that directory's weights are served.
+
+    Errors: INVALID_ARGUMENT for a model_path that is empty, relative, over
+    4096 bytes or holds NUL; PERMISSION_DENIED for one with a '..' part, or
+    outside every --model-root after resolving symlinks (the directory and
+    each file in it); NOT_FOUND when it is not a directory;
+    FAILED_PRECONDITION when the server has no --model-root (LoadModel off)
+    or serves reward functions only, when if_version or
+    expected_weights_version do not match, when the files cannot be loaded
+    (corrupt safetensors, no config: the message says what the loader said),
+    and when the model does not fit the one served, with every difference
+    listed: the tokenizer (vocabulary, special tokens, chat template), the
+    embedding rows, the architecture, num_labels != 1, a max length below the
+    served one; RESOURCE_EXHAUSTED when loading runs out of memory.
+
+    Auth: with --admin-token-file, only that token may call LoadModel (the
+    scoring token gets PERMISSION_DENIED); it also works for every other RPC.
+    Without one, the bearer token of every RPC (when auth is on). Not retried
+    by the clients.
+    """
 
 class RewardServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,5 +184,49 @@ class RewardServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _common_pb2.GetModelInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_reward_pb2.RewardModelInfo, _abc.Awaitable[_reward_pb2.RewardModelInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def LoadModel(
+        self,
+        request: _reward_pb2.LoadModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_reward_pb2.LoadModelResponse, _abc.Awaitable[_reward_pb2.LoadModelResponse]]:
+        """Serve another version of the reward model from now on, without a
+        restart: a Hugging Face directory on the server's filesystem (a shared
+        volume), under one of the server's --model-root directories.
+
+        Atomic: every Score, ScoreStream message and Compare is scored from start
+        to end by one model version, the one served when it arrived, and each
+        result names it (ScoreResult.model_version). Requests in flight finish on
+        the old model; every request that arrives after LoadModel has answered is
+        scored by the new one. The old model is freed once its last request is
+        done (until then both are in memory). The normalisation statistics
+        (reward_meta.json: score_mean, score_std) and eval_accuracy switch with
+        the model. Health stays SERVING throughout; loading runs off the request
+        path. One load at a time: a second LoadModel waits for the one before.
+
+        A load that fails changes nothing: the old model goes on serving. A
+        caller that gives up (deadline, cancel) does not stop a load; calling
+        again with the same model_path answers at once, with changed = false,
+        once that directory's weights are served.
+
+        Errors: INVALID_ARGUMENT for a model_path that is empty, relative, over
+        4096 bytes or holds NUL; PERMISSION_DENIED for one with a '..' part, or
+        outside every --model-root after resolving symlinks (the directory and
+        each file in it); NOT_FOUND when it is not a directory;
+        FAILED_PRECONDITION when the server has no --model-root (LoadModel off)
+        or serves reward functions only, when if_version or
+        expected_weights_version do not match, when the files cannot be loaded
+        (corrupt safetensors, no config: the message says what the loader said),
+        and when the model does not fit the one served, with every difference
+        listed: the tokenizer (vocabulary, special tokens, chat template), the
+        embedding rows, the architecture, num_labels != 1, a max length below the
+        served one; RESOURCE_EXHAUSTED when loading runs out of memory.
+
+        Auth: with --admin-token-file, only that token may call LoadModel (the
+        scoring token gets PERMISSION_DENIED); it also works for every other RPC.
+        Without one, the bearer token of every RPC (when auth is on). Not retried
+        by the clients.
+        """
 
 def add_RewardServiceServicer_to_server(servicer: RewardServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\".\n\x13WatchMetricsRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\x17\n\x15SaveCheckpointRequest\"q\n\rReplicaStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x16\n\x0eweight_version\x18\x03 \x01(\x04\x12\x0f\n\x07in_sync\x18\x04 \x01(\x08\x12\x11\n\tavailable\x18\x05 \x01(\x08\"\xdd\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x13\n\x0breward_mean\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x15\n\rclip_fraction\x18\x06 \x01(\x01\x12\x11\n\tapprox_kl\x18\x07 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x08 \x01(\x01\x12\x12\n\nvalue_loss\x18\t \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\n \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x0b \x01(\x01\x12=\n\rphase_seconds\x18\x0c \x03(\x0b\x32&.rlhf.v1.StepMetrics.PhaseSecondsEntry\x12.\n\x05\x65xtra\x18\r \x03(\x0b\x32\x1f.rlhf.v1.StepMetrics.ExtraEntry\x12(\n\x04time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xfa\x01\n\rTrainerStatus\x12\x1d\n\x05phase\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x04\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\x12(\n\x08replicas\x18\x05 \x03(\x0b\x32\x16.rlhf.v1.ReplicaStatus\x12\x18\n\x10replicas_in_sync\x18\x06 \x01(\r\x12*\n\x0clast_metrics\x18\x07 \x01(\x0b\x32\x14.rlhf.v1.StepMetrics\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12\x0f\n\x07message\x18\t \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04*\x8e\x02\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePHASE_STARTING\x10\x01\x12\x11\n\rPHASE_SYNCING\x10\x02\x12\x14\n\x10PHASE_GENERATING\x10\x03\x12\x11\n\rPHASE_SCORING\x10\x04\x12\x13\n\x0fPHASE_REFERENCE\x10\x05\x12\x12\n\x0ePHASE_TRAINING\x10\x06\x12\x11\n\rPHASE_PUSHING\x10\x07\x12\x10\n\x0cPHASE_PAUSED\x10\x08\x12\x17\n\x13PHASE_CHECKPOINTING\x10\t\x12\x12\n\x0ePHASE_FINISHED\x10\n\x12\x10\n\x0cPHASE_FAILED\x10\x0b\x12\x11\n\rPHASE_WAITING\x10\x0c\x32\xdb\x02\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x44\n\x0cWatchMetrics\x12\x1c.rlhf.v1.WatchMetricsRequest\x1a\x14.rlhf.v1.StepMetrics0\x01\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15rlhf/v1/trainer.proto\x12\x07rlhf.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x12\n\x10GetStatusRequest\"\x0e\n\x0cPauseRequest\"\x0f\n\rResumeRequest\".\n\x13WatchMetricsRequest\x12\x17\n\x0finclude_history\x18\x01 \x01(\x08\"\x17\n\x15SaveCheckpointRequest\"q\n\rReplicaStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x16\n\x0eweight_version\x18\x03 \x01(\x04\x12\x0f\n\x07in_sync\x18\x04 \x01(\x08\x12\x11\n\tavailable\x18\x05 \x01(\x08\"\xfb\x03\n\x0bStepMetrics\x12\x0c\n\x04step\x18\x01 \x01(\x04\x12\x16\n\x0eweight_version\x18\x02 \x01(\x04\x12\x13\n\x0breward_mean\x18\x03 \x01(\x01\x12\n\n\x02kl\x18\x04 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x01\x12\x15\n\rclip_fraction\x18\x06 \x01(\x01\x12\x11\n\tapprox_kl\x18\x07 \x01(\x01\x12\x13\n\x0bpolicy_loss\x18\x08 \x01(\x01\x12\x12\n\nvalue_loss\x18\t \x01(\x01\x12\x0c\n\x04\x62\x65ta\x18\n \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x0b \x01(\x01\x12=\n\rphase_seconds\x18\x0c \x03(\x0b\x32&.rlhf.v1.StepMetrics.PhaseSecondsEntry\x12.\n\x05\x65xtra\x18\r \x03(\x0b\x32\x1f.rlhf.v1.StepMetrics.ExtraEntry\x12(\n\x04time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14reward_model_version\x18\x0f \x01(\t\x1a\x33\n\x11PhaseSecondsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a,\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x98\x02\n\rTrainerStatus\x12\x1d\n\x05phase\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.Phase\x12\x0c\n\x04step\x18\x02 \x01(\x04\x12\x13\n\x0btotal_steps\x18\x03 \x01(\x04\x12\x16\n\x0eweight_version\x18\x04 \x01(\x04\x12(\n\x08replicas\x18\x05 \x03(\x0b\x32\x16.rlhf.v1.ReplicaStatus\x12\x18\n\x10replicas_in_sync\x18\x06 \x01(\r\x12*\n\x0clast_metrics\x18\x07 \x01(\x0b\x32\x14.rlhf.v1.StepMetrics\x12\x0e\n\x06paused\x18\x08 \x01(\x08\x12\x0f\n\x07message\x18\t \x01(\t\x12\x1c\n\x14reward_model_version\x18\n \x01(\t\"4\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x04*\x8e\x02\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePHASE_STARTING\x10\x01\x12\x11\n\rPHASE_SYNCING\x10\x02\x12\x14\n\x10PHASE_GENERATING\x10\x03\x12\x11\n\rPHASE_SCORING\x10\x04\x12\x13\n\x0fPHASE_REFERENCE\x10\x05\x12\x12\n\x0ePHASE_TRAINING\x10\x06\x12\x11\n\rPHASE_PUSHING\x10\x07\x12\x10\n\x0cPHASE_PAUSED\x10\x08\x12\x17\n\x13PHASE_CHECKPOINTING\x10\t\x12\x12\n\x0ePHASE_FINISHED\x10\n\x12\x10\n\x0cPHASE_FAILED\x10\x0b\x12\x11\n\rPHASE_WAITING\x10\x0c\x32\xdb\x02\n\x0eTrainerService\x12>\n\tGetStatus\x12\x19.rlhf.v1.GetStatusRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x44\n\x0cWatchMetrics\x12\x1c.rlhf.v1.WatchMetricsRequest\x1a\x14.rlhf.v1.StepMetrics0\x01\x12\x36\n\x05Pause\x12\x15.rlhf.v1.PauseRequest\x1a\x16.rlhf.v1.TrainerStatus\x12\x38\n\x06Resume\x12\x16.rlhf.v1.ResumeRequest\x1a\x16.rlhf.v1.TrainerStatus\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,8 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_options = b'8\001'
   _globals['_STEPMETRICS_EXTRAENTRY']._loaded_options = None
   _globals['_STEPMETRICS_EXTRAENTRY']._serialized_options = b'8\001'
-  _globals['_PHASE']._serialized_start=1096
-  _globals['_PHASE']._serialized_end=1366
+  _globals['_PHASE']._serialized_start=1156
+  _globals['_PHASE']._serialized_end=1426
   _globals['_GETSTATUSREQUEST']._serialized_start=67
   _globals['_GETSTATUSREQUEST']._serialized_end=85
   _globals['_PAUSEREQUEST']._serialized_start=87
@@ -51,15 +51,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICASTATUS']._serialized_start=193
   _globals['_REPLICASTATUS']._serialized_end=306
   _globals['_STEPMETRICS']._serialized_start=309
-  _globals['_STEPMETRICS']._serialized_end=786
-  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_start=689
-  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_end=740
-  _globals['_STEPMETRICS_EXTRAENTRY']._serialized_start=742
-  _globals['_STEPMETRICS_EXTRAENTRY']._serialized_end=786
-  _globals['_TRAINERSTATUS']._serialized_start=789
-  _globals['_TRAINERSTATUS']._serialized_end=1039
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1041
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1093
-  _globals['_TRAINERSERVICE']._serialized_start=1369
-  _globals['_TRAINERSERVICE']._serialized_end=1716
+  _globals['_STEPMETRICS']._serialized_end=816
+  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_start=719
+  _globals['_STEPMETRICS_PHASESECONDSENTRY']._serialized_end=770
+  _globals['_STEPMETRICS_EXTRAENTRY']._serialized_start=772
+  _globals['_STEPMETRICS_EXTRAENTRY']._serialized_end=816
+  _globals['_TRAINERSTATUS']._serialized_start=819
+  _globals['_TRAINERSTATUS']._serialized_end=1099
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=1101
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=1153
+  _globals['_TRAINERSERVICE']._serialized_start=1429
+  _globals['_TRAINERSERVICE']._serialized_end=1776
 # @@protoc_insertion_point(module_scope)

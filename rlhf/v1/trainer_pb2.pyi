@@ -237,6 +237,7 @@ class StepMetrics(_message.Message):
     PHASE_SECONDS_FIELD_NUMBER: _builtins.int
     EXTRA_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     weight_version: _builtins.int
     """Weight version the step's completions were sampled with."""
@@ -256,13 +257,23 @@ class StepMetrics(_message.Message):
     """KL coefficient used this step."""
     tokens_per_second: _builtins.float
     """Generated tokens per second of wall time over the whole step."""
+    reward_model_version: _builtins.str
+    """The reward model version (RewardModelInfo.model_version) of every score
+    the step trained on: a step never mixes two; scores of another version
+    (the reward service swapped its model meanwhile) are made again or left
+    out, and counted in extra.
+    """
     @_builtins.property
     def phase_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Seconds per phase: generate, score, reference, train, push."""
 
     @_builtins.property
     def extra(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
-        """Every other scalar the trainer logs (e.g. "completions_dropped")."""
+        """Every other scalar the trainer logs (e.g. "completions_dropped";
+        "completions_rescored" and "completions_dropped_reward_version": what it
+        took to keep one reward model version in the step; "reward_scored_by_<v>":
+        how many scores version v made first).
+        """
 
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp: ...
@@ -283,10 +294,11 @@ class StepMetrics(_message.Message):
         phase_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         extra: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        reward_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["approx_kl", b"approx_kl", "beta", b"beta", "clip_fraction", b"clip_fraction", "entropy", b"entropy", "extra", b"extra", "kl", b"kl", "phase_seconds", b"phase_seconds", "policy_loss", b"policy_loss", "reward_mean", b"reward_mean", "step", b"step", "time", b"time", "tokens_per_second", b"tokens_per_second", "value_loss", b"value_loss", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approx_kl", b"approx_kl", "beta", b"beta", "clip_fraction", b"clip_fraction", "entropy", b"entropy", "extra", b"extra", "kl", b"kl", "phase_seconds", b"phase_seconds", "policy_loss", b"policy_loss", "reward_mean", b"reward_mean", "reward_model_version", b"reward_model_version", "step", b"step", "time", b"time", "tokens_per_second", b"tokens_per_second", "value_loss", b"value_loss", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,6 +317,7 @@ class TrainerStatus(_message.Message):
     LAST_METRICS_FIELD_NUMBER: _builtins.int
     PAUSED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    REWARD_MODEL_VERSION_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     step: _builtins.int
     """Last finished step (0 before the first)."""
@@ -315,6 +328,8 @@ class TrainerStatus(_message.Message):
     paused: _builtins.bool
     message: _builtins.str
     """Human-readable detail: what it waits for, why it failed."""
+    reward_model_version: _builtins.str
+    """The reward model version the last finished step trained on."""
     @_builtins.property
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]: ...
     @_builtins.property
@@ -331,10 +346,11 @@ class TrainerStatus(_message.Message):
         last_metrics: Global___StepMetrics | None = ...,
         paused: _builtins.bool = ...,
         message: _builtins.str = ...,
+        reward_model_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "step", b"step", "total_steps", b"total_steps", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "reward_model_version", b"reward_model_version", "step", b"step", "total_steps", b"total_steps", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

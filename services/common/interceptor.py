@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hmac
 import time
+from typing import Iterable
 
 import grpc
 from prometheus_client import Counter, Histogram
@@ -66,8 +67,14 @@ class _Rpc:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str | None):
+    """`token`: what every RPC but health and reflection needs (None: auth off). `admin_token`: the
+    only token `admin_methods` ("pkg.Service/Method") accept, and one that every other RPC accepts
+    too (None: they take `token` like the rest)."""
+
+    def __init__(self, token: str | None, admin_token: str | None = None, admin_methods: Iterable[str] = ()):
         self._expected = f"Bearer {token}".encode() if token else None
+        self._admin = f"Bearer {admin_token}".encode() if admin_token else None
+        self._admin_methods = frozenset(admin_methods)
         # Until the service has loaded its model, only health and reflection answer.
         self.ready = False
         # Set on SIGTERM: new RPCs get UNAVAILABLE while the ones in flight finish.
@@ -81,9 +88,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, service: str, metadata) -> bool:
         if self._expected is None or service in OPEN_SERVICES:
             return True
-        given = next((m.value for m in metadata or () if m.key == "authorization"), "")
-        given = given.encode() if isinstance(given, str) else given
-        return hmac.compare_digest(given, self._expected)  # constant time
+        return hmac.compare_digest(_bearer(metadata), self._expected)  # constant time
+
+    def _auth_denial(self, service: str, method: str, metadata) -> tuple[grpc.StatusCode, str] | None:
+        if self._admin is not None and service not in OPEN_SERVICES:
+            given = _bearer(metadata)
+            if hmac.compare_digest(given, self._admin):
+                return None
+            if f"{service}/{method}" in self._admin_methods:
+                if self._expected is not None and hmac.compare_digest(given, self._expected):
+                    return (grpc.StatusCode.PERMISSION_DENIED, f"{method} needs the admin token (the server's "
+                                                               f"--admin-token-file); this token may not call it")
+                return (grpc.StatusCode.UNAUTHENTICATED, f"{method} needs the admin token (the server's "
+                                                         f"--admin-token-file) in the 'authorization' metadata")
+        if not self._authorized(service, metadata):
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token in the 'authorization' metadata"
+        return None
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -94,16 +114,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # As they are: health's Watch writes with context.write (no generator to wrap),
             # and probes need neither a token nor metrics.
             return handler
-        denial = None
-        if not self._authorized(service, details.invocation_metadata):
-            denial = (grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token in the 'authorization' metadata")
-        elif not self.ready:
+        denial = self._auth_denial(service, method, details.invocation_metadata)
+        if denial is None and not self.ready:
             denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is loading its model; retry when health says SERVING")
-        elif self.draining:
+        elif denial is None and self.draining:
             denial = (grpc.StatusCode.UNAVAILABLE, f"{service} is shutting down; retry on another replica")
         if denial:
             return _refusal(handler, service, method, denial)
         return _wrap(handler, service, method, self)
+
+
+def _bearer(metadata) -> bytes:
+    given = next((m.value for m in metadata or () if m.key == "authorization"), "")
+    return given.encode() if isinstance(given, str) else given
 
 
 class _Undecodable:

@@ -4,8 +4,10 @@
 
 A servicer is the service's transport object: `service_name` (e.g.
 "rlhf.v1.RewardService"), `add_to_server(server)`, `async start()` (load the model)
-and `async stop()` (release it). Optionally `async fatal()`, which returns (a reason)
-once the servicer can never serve again, say because its engine died: the runtime then
+and `async stop()` (release it). Optionally `admin_token` and `admin_methods`, methods
+("pkg.Service/Method") that only that token may call (see ServerInterceptor); and `async
+fatal()`, which returns (a reason) once the servicer can never serve again, say because its
+engine died: the runtime then
 turns health NOT_SERVING, stops, and the process exits 1 so that its supervisor
 (Kubernetes) restarts it. The runtime adds everything else: health per service,
 reflection, auth, metrics (rlhf_build_info included), TLS, keepalive, size limits and
@@ -107,7 +109,8 @@ def serve_metrics(host: str, port: int) -> http.server.ThreadingHTTPServer:
 async def serve(cfg: ServerConfig, servicer: Servicer, stop: asyncio.Event | None = None) -> int:
     """Serve until SIGTERM/SIGINT, or until `stop` is set when the caller owns the signals.
     Returns the process's exit code: 0, or EXIT_FATAL after a fatal failure."""
-    interceptor = ServerInterceptor(cfg.auth_token)
+    interceptor = ServerInterceptor(cfg.auth_token, getattr(servicer, "admin_token", None),
+                                    getattr(servicer, "admin_methods", ()))
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=channel_options(cfg.max_message_bytes) + [

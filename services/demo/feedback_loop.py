@@ -136,34 +136,15 @@ def feedback_server(db: str, policy: str, reward: str, prompts: pathlib.Path, lo
             proc.wait()
 
 
-def swap_reward_model(reward, reward_srv, path: pathlib.Path) -> dict:
-    """The refreshed model into the running reward service (LoadModel). A reward service without
-    that RPC is restarted on the new model instead, and the result says so."""
-    import grpc
-
-    started = time.perf_counter()
-    load = getattr(reward, "load_model", None)
-    if load is not None:
-        try:
-            reply = load(str(path), timeout=300)
-            return {"how": "LoadModel", "model_version": reply.model_version,
-                    "previous_version": reply.previous_version, "load_seconds": reply.load_seconds}
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-    previous = reward.model_info().model_version
-    log.warning("this reward service has no LoadModel: restarting it on %s instead", path)
-    reward_srv.terminate()
-    argv = list(reward_srv.argv)
-    argv[argv.index("--model") + 1] = str(path)
-    reward_srv.argv = argv
-    reward_srv.start().wait_ready()
-    return {"how": "restart (no LoadModel RPC in this reward service)",
-            "model_version": reward.model_info().model_version, "previous_version": previous,
-            "load_seconds": time.perf_counter() - started}
+def swap_reward_model(reward, path: pathlib.Path) -> dict:
+    """The refreshed model into the running reward service (LoadModel: no restart; the service was
+    started with --model-root above `path`)."""
+    reply = reward.load_model(str(path.resolve()), timeout=600)
+    return {"model_version": reply.model_version, "previous_version": reply.previous_version,
+            "load_seconds": reply.load_seconds}
 
 
-def run(out: pathlib.Path, *, config_for, policy, reward, reward_srv, policy_address: str, models: pathlib.Path,
+def run(out: pathlib.Path, *, config_for, policy, reward, reward_address: str, policy_address: str, models: pathlib.Path,
         paths: dict, eval_prompts: list[str], steps: int, seed: int, quick: bool, rm_settings: dict) -> dict:
     """The loop; returns the PPO history (both halves) and what the report shows of the loop."""
     from services.feedback.store import Store
@@ -189,7 +170,7 @@ def run(out: pathlib.Path, *, config_for, policy, reward, reward_srv, policy_add
     tokens = {name: store.add_labeller(name) for name in LABELLERS}
     total = JUDGMENTS // 2 if quick else JUDGMENTS
     t = time.perf_counter()
-    with feedback_server(db, policy_address, reward_srv.address, paths["prompts"], out / "logs" / "feedback.log",
+    with feedback_server(db, policy_address, reward_address, paths["prompts"], out / "logs" / "feedback.log",
                          seed, max_tokens=64) as url:
         log.info("feedback loop: %d judgments by %s through %s", total, ", ".join(LABELLERS), url)
         choices = label_pairs(url, tokens, total, seed)
@@ -205,10 +186,10 @@ def run(out: pathlib.Path, *, config_for, policy, reward, reward_srv, policy_add
                                           replay={"data": str(paths["prefs"]), "share": REPLAY_SHARE},
                                           **rm_settings))
     refresh_s = time.perf_counter() - t
-    swap = swap_reward_model(reward, reward_srv, refreshed)
+    swap = swap_reward_model(reward, refreshed)
     after, version_after = rm_agreement(reward, pairs)
-    log.info("reward model %s (%s) agrees with the gold labeller on %.2f of the same pairs (before: %.2f)",
-             version_after, swap["how"], after, before)
+    log.info("reward model %s (loaded in %.1f s, no restart) agrees with the gold labeller on %.2f of the same "
+             "pairs (before: %.2f)", version_after, swap["load_seconds"], after, before)
 
     log.info("feedback loop: PPO steps %d-%d against the refreshed reward model", half + 1, steps)
     history = train(config_for(steps), ClientConfig(), resume=True, handle_signals=False)

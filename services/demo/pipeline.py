@@ -189,9 +189,11 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
             server_cpus = layout[0] if layout else None
             server_env = {"OMP_NUM_THREADS": "1"} if layout else {}  # one torch thread on its one CPU
             reward_port, policy_port = free_port(), free_port()
+            # --feedback-loop swaps a refreshed reward model in from under models/ (LoadModel).
+            swappable = ("--model-root", str(models.resolve())) if feedback_loop else ()
             reward_srv = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"),
                                                   "--host", "127.0.0.1", "--port", str(reward_port),
-                                                  "--metrics-port", "0"),
+                                                  "--metrics-port", "0", *swappable),
                                      port=reward_port, service="rlhf.v1.RewardService",
                                      log_path=out / "logs" / "reward.log", cpus=server_cpus, env=server_env)
             policy_srv = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"),
@@ -239,8 +241,9 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
                 config_for = lambda n: ppo_config(out / name, policy=policy_srv.address,  # noqa: E731
                                                   reward=reward_srv.address, models=models, prompts=paths["prompts"],
                                                   steps=n, seed=seed, beta=0.05)
-                loop = people.run(out, config_for=config_for, policy=policy, reward=reward, reward_srv=reward_srv,
-                                  policy_address=policy_srv.address, models=models, paths=paths,
+                loop = people.run(out, config_for=config_for, policy=policy, reward=reward,
+                                  reward_address=reward_srv.address, policy_address=policy_srv.address,
+                                  models=models, paths=paths,
                                   eval_prompts=eval_prompts, steps=steps, seed=seed, quick=quick,
                                   rm_settings={k: v for k, v in RM.items() if k != "epochs"} | {"epochs": 2.0})
                 wall = time.perf_counter() - t

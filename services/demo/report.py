@@ -56,8 +56,8 @@ def feedback_section(loop: dict) -> list[str]:
         f"agreed with each other on {fmt(loop['labeller_agreement'])} of {loop['labeller_comparisons']} pairs judged "
         f"twice; the served reward model agreed with them on {fmt(loop['served_rm_vs_people'])}. The reward model "
         f"was refreshed from the judgments with a replay of the old comparisons ({loop['refresh_seconds']:.0f} s) "
-        f"and swapped into the running reward service ({swap['how']}: {swap['previous_version']} -> "
-        f"{swap['model_version']}); PPO went on against it.", "",
+        f"and loaded into the running reward service without a restart (LoadModel, {swap['load_seconds']:.1f} s: "
+        f"version {swap['previous_version']} -> {swap['model_version']}); PPO went on against it.", "",
         "| | before the refresh | after |", "|---|---|---|",
         f"| reward model agrees with the gold labeller on the policy's current answers ({loop['eval_pairs']} pairs) "
         f"| {fmt(loop['agreement_before'])} | {fmt(loop['agreement_after'])} |",

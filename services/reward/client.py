@@ -17,7 +17,8 @@ from services.common.channel import create_channel
 from services.common.config import ClientConfig
 
 SERVICE = "rlhf.v1.RewardService"
-# Idempotent calls, retried on UNAVAILABLE (a restarting or draining replica).
+# Idempotent calls, retried on UNAVAILABLE (a restarting or draining replica). Not LoadModel: a
+# retry would not know whether the swap it asked for happened (call it again: see load_model).
 RETRY_METHODS = ((SERVICE, "Score"), (SERVICE, "Compare"), (SERVICE, "GetModelInfo"))
 
 Text = Union[str, Sequence[int], Sequence[Mapping[str, str]]]
@@ -56,6 +57,12 @@ def compare_request(prompt: Text, first: Text, second: Text, truncation: str | i
                                      second=text_or_tokens(second), truncation=truncation_value(truncation))
 
 
+def load_model_request(path: str, expected_weights_version: str = "", if_version: str = "",
+                       ) -> reward_pb2.LoadModelRequest:
+    return reward_pb2.LoadModelRequest(model_path=path, expected_weights_version=expected_weights_version,
+                                       if_version=if_version)
+
+
 class RewardClient:
     """Blocking client. `timeout` (seconds) applies to each unary call."""
 
@@ -77,6 +84,15 @@ class RewardClient:
 
     def model_info(self) -> reward_pb2.RewardModelInfo:
         return self.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    def load_model(self, path: str, *, expected_weights_version: str = "", if_version: str = "",
+                   timeout: float | None = None) -> reward_pb2.LoadModelResponse:
+        """Serve the reward model in `path` (a directory on the server, under its --model-root)
+        from now on; see LoadModel in docs/contracts.md. `timeout`: seconds (default: the
+        client's). A deadline that runs out does not stop the load: call again with the same path
+        to wait for it and learn how it ended. Needs the admin token when the server has one."""
+        return self.stub.LoadModel(load_model_request(path, expected_weights_version, if_version),
+                                   timeout=timeout or self.timeout)
 
     def score_stream(self, batches: Iterable[Iterable[Pair]], truncation: str | int = "reject",
                      normalize: bool = False) -> Iterator[reward_pb2.ScoreResponse]:
@@ -117,6 +133,11 @@ class AsyncRewardClient:
 
     async def model_info(self) -> reward_pb2.RewardModelInfo:
         return await self.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=self.timeout)
+
+    async def load_model(self, path: str, *, expected_weights_version: str = "", if_version: str = "",
+                         timeout: float | None = None) -> reward_pb2.LoadModelResponse:
+        return await self.stub.LoadModel(load_model_request(path, expected_weights_version, if_version),
+                                         timeout=timeout or self.timeout)
 
     async def score_stream(self, batches: Iterable[Iterable[Pair]] | AsyncIterable[Iterable[Pair]],
                            truncation: str | int = "reject",

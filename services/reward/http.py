@@ -17,7 +17,10 @@ How a body is read (--http-input):
       as gRPC Score templates a text prompt.
 
 Labels are accepted and ignored. Two optional keys of our own: "truncation" ("reject", the
-default, or "keep_end_of_prompt") and "normalize" (bool).
+default, or "keep_end_of_prompt") and "normalize" (bool). The reply also says which reward model
+version scored the queries: "model_version" (the string, as gRPC's ScoreResult.model_version), and
+extra_logs["model_version_id"] per query, its first 6 hex digits as a number (OpenRLHF turns every
+extra_logs list into a float tensor and logs its mean: constant while one version serves).
 
 Limits, all applied before the body is read: the bearer token (unless --http-no-auth; OpenRLHF
 sends none, so such a port must be guarded by a NetworkPolicy), --http-max-concurrency requests
@@ -115,13 +118,21 @@ def _error(status: int, message: str, headers: dict | None = None) -> web.Respon
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def _reply(results: list[PairResult], version: str) -> dict:
+def version_id(version: str) -> float:
+    """A model version as a number for extra_logs, whose every value OpenRLHF turns into a float
+    tensor (a string would fail there): its first 6 hex digits, which a float32 holds exactly."""
+    return float(int(version[:6] or "0", 16))
+
+
+def _reply(results: list[PairResult]) -> dict:
     rewards = [r.score for r in results]
     extra = {"raw_score": [r.raw_score for r in results], "truncated": [float(r.truncated) for r in results],
-             "num_tokens": [float(r.num_tokens) for r in results]}
+             "num_tokens": [float(r.num_tokens) for r in results],
+             "model_version_id": [version_id(r.model_version) for r in results]}
     for name in (results[0].components if results else {}):
         extra[f"component_{name}"] = [r.components[name] for r in results]
-    return {"rewards": rewards, "scores": rewards, "extra_logs": extra, "model_version": version}
+    # One version scored them all (the one served when the request came).
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra, "model_version": results[0].model_version}
 
 
 class RewardEndpoint:
@@ -186,7 +197,7 @@ class RewardEndpoint:
             del data  # not needed while the pairs are scored
             items, truncation, normalize = parse_request(body, self.s.input, self.scorer)
             results = await self.scorer.score(items, truncation, normalize, field="query")
-            return web.json_response(_reply(results, self.scorer.version))
+            return web.json_response(_reply(results))
         except errors.ServiceError as exc:
             return _error(next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500), str(exc))
         except Exception as exc:  # noqa: BLE001 - a bug of ours: logged, and said to be ours (500)

@@ -12,12 +12,15 @@ log = logging.getLogger(__name__)
 class Service:
     """What the runtime serves: the gRPC servicer, with the core's lifecycle and the HTTP port around it."""
 
-    def __init__(self, scorer, http_settings=None):
+    def __init__(self, scorer, http_settings=None, admin_token: str | None = None):
         from services.reward.server import SERVICE_NAME, RewardServicer
 
         self.service_name = SERVICE_NAME
         self.scorer, self.http_settings = scorer, http_settings
         self.servicer = RewardServicer(scorer)
+        # Swapping the reward model changes what every trainer optimises: with an admin token, the
+        # scoring token (which every client holds) cannot (the runtime's interceptor checks it).
+        self.admin_token, self.admin_methods = admin_token, (f"{SERVICE_NAME}/LoadModel",)
         self._http = None
 
     def add_to_server(self, server) -> None:
@@ -44,15 +47,23 @@ def main(args: argparse.Namespace) -> int:
     from services.reward.rules import ConfigError, load_functions
     from services.reward.scorer import RewardSettings, Scorer
 
+    from services.common.config import read_token
+
     cfg = ServerConfig.from_args(args)
     try:
         # Imported now: a function that cannot load stops the server before it binds a port.
         scorer = Scorer(RewardSettings.from_args(args, load_functions(args.reward_function)))
         if args.http_max_concurrency < 1:
             raise ConfigError(f"--http-max-concurrency must be >= 1, got {args.http_max_concurrency}")
-    except ConfigError as exc:
+        admin_token = read_token(args.admin_token_file) if args.admin_token_file else None
+        if args.admin_token_file and not admin_token:
+            raise ConfigError(f"--admin-token-file {args.admin_token_file} is empty")
+    except (ConfigError, OSError) as exc:
         print(f"rlhf serve reward: error: {exc}", file=sys.stderr)
         return 2
+    if args.model_root and not admin_token:
+        log.info("LoadModel takes the same bearer token as scoring%s; --admin-token-file gives it a token of its own",
+                 "" if cfg.auth_token else " (auth is off: anyone who reaches the port may swap the model)")
     http = None
     if args.http_port:
         if args.http_no_auth:
@@ -63,4 +74,4 @@ def main(args: argparse.Namespace) -> int:
                             auth_token=None if args.http_no_auth else cfg.auth_token,
                             max_body_bytes=cfg.max_message_bytes, max_concurrency=args.http_max_concurrency,
                             tls_cert=cfg.tls_cert, tls_key=cfg.tls_key)
-    return run(cfg, Service(scorer, http))
+    return run(cfg, Service(scorer, http, admin_token))

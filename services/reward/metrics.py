@@ -22,6 +22,18 @@ COMPONENT = Histogram("rlhf_reward_component_value", "Unweighted value of each r
                       ["component"], buckets=_VALUES)
 QUEUE_DEPTH = Gauge("rlhf_reward_queue_depth", "Pairs waiting for a forward pass.")
 
+MODEL_INFO = Gauge("rlhf_reward_model_info", "1 for the reward model being served (0 for those it replaced); "
+                   "model_version is what every ScoreResult carries.", ["model_version", "weights_version", "model_name"])
+MODEL_LOADED = Gauge("rlhf_reward_model_loaded_timestamp_seconds", "Unix time the served reward model was loaded.")
+MODEL_LOADS = Counter("rlhf_reward_model_loads_total", "LoadModel calls by result: swapped, unchanged (those weights "
+                      "were served already), refused (does not fit, bad path) or failed (could not load).", ["result"])
+MODEL_LOAD_SECONDS = Histogram("rlhf_reward_model_load_seconds", "Time to load and check a new reward model version.",
+                               buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
+FUNCTION_FAILURES = Counter("rlhf_reward_function_failures_total", "Reward function calls that failed their request, "
+                            "by function and reason (error, timeout, crash).", ["function", "reason"])
+FUNCTION_WORKER_STARTS = Counter("rlhf_reward_function_worker_restarts_total", "Reward function workers started in "
+                                 "place of one that was stopped at the time limit or died.")
+
 HTTP_REQUESTS = Counter("rlhf_reward_http_requests_total", "HTTP requests on the OpenRLHF port, by path and status.",
                         ["path", "code"])
 HTTP_SECONDS = Histogram("rlhf_reward_http_request_seconds", "Time to answer an HTTP request on the OpenRLHF port.",

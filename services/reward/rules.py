@@ -12,8 +12,19 @@ A function is any Python callable (prompt: str, response: str) -> float, named N
     builtin:length[:UNIT[:FREE]] the response's length in UNIT (chars, the default, or words); with FREE,
                                  only what exceeds FREE counts: max(0, length - FREE). A negative weight
                                  in the mix makes it a length penalty.
-    builtin:regex:PATTERN        1.0 when the whole response matches PATTERN (Python re, DOTALL), else
-                                 0.0: a format reward. Everything after "regex:" is the pattern.
+    builtin:regex:PATTERN        1.0 when the whole response matches PATTERN, else 0.0: a format reward.
+                                 Everything after "regex:" is the pattern, in RE2 syntax with "." matching
+                                 newlines too (see below).
+
+Regular expressions are RE2's (google-re2): matched in time linear in the text, whatever the pattern,
+so no response the policy writes can make a match take seconds (Python's backtracking `re` takes 6 s
+for (a+)+b on 27 a's, doubling with each one more). RE2 has no backreferences (\1, (?P=name)),
+lookahead or lookbehind ((?=, (?!, (?<=, (?<!), atomic groups or possessive quantifiers, and
+repetition counts stop at 1000; such a pattern is refused at start with a ConfigError naming it.
+
+The built-ins run in the server, in a thread: linear in a text of at most --max-text-bytes. A
+module:function is the user's code and runs in worker processes under a time limit
+(services.reward.workers).
 
 The mix gives every component a weight ("rm" is the reward model); without --reward-mix every
 weight is 1. Score = sum(weight * value). No torch and no gRPC here.
@@ -26,6 +37,8 @@ import math
 import numbers
 import re
 from typing import Callable, Sequence
+
+import re2
 
 from services.common.errors import InvalidArgument
 
@@ -44,17 +57,35 @@ class RewardFunction:
     source: str  # the SPEC as given: "module:function" or "builtin:..."
     fn: Callable[[str, str], float]
 
+    @property
+    def builtin(self) -> bool:
+        """Ours and linear in the text: runs in the server. Anything else runs in a worker process."""
+        return self.source.startswith(BUILTIN)
+
     def __call__(self, prompt: str, response: str, pair: str) -> float:
         """fn(prompt, response) as a finite float; anything else fails the call, naming the pair and the function."""
         try:
             value = self.fn(prompt, response)
-        except Exception as exc:  # noqa: BLE001 - the user's code: any failure is reported, the server goes on
+            ok = isinstance(value, numbers.Real) and math.isfinite(value)
+            number = float(value) if ok else math.nan
+        except BaseException as exc:  # noqa: BLE001 - the user's code: SystemExit and KeyboardInterrupt too
+            text = _short(exc)
             raise InvalidArgument(f"reward function {self.name} ({self.source}) failed on {pair}: "
-                                  f"{type(exc).__name__}: {exc}") from None
-        if not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise InvalidArgument(f"reward function {self.name} ({self.source}) returned {value!r} for {pair}; "
-                                  f"it must return a finite number")
-        return float(value)
+                                  f"{type(exc).__name__}{': ' + text if text else ''}") from None
+        if not ok:
+            raise InvalidArgument(f"reward function {self.name} ({self.source}) returned {_short(value)} for "
+                                  f"{pair}; it must return a finite number")
+        return number
+
+
+def _short(x, limit: int = 200) -> str:
+    """A value or an exception's text as it goes into an error message: at most `limit` characters
+    (a function's exception may carry the whole response)."""
+    try:
+        text = repr(x) if not isinstance(x, BaseException) else str(x)
+    except BaseException:  # noqa: BLE001 - the user's __repr__ / __str__
+        return f"<{type(x).__name__} whose text cannot be shown>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _length(unit: str, free: int) -> Callable[[str, str], float]:
@@ -66,11 +97,32 @@ def _length(unit: str, free: int) -> Callable[[str, str], float]:
     return length
 
 
-def _regex(pattern: re.Pattern) -> Callable[[str, str], float]:
+def _regex(pattern) -> Callable[[str, str], float]:
     def regex(prompt: str, response: str) -> float:
-        return 1.0 if pattern.fullmatch(response) else 0.0
+        # As UTF-8 bytes: RE2's own text; a str costs a pass mapping byte offsets back to characters.
+        return 1.0 if pattern.fullmatch(response.encode("utf-8", "surrogatepass")) else 0.0
 
     return regex
+
+
+def compile_re2(spec: str, pattern: str):
+    """`pattern` compiled by RE2 with "." matching newlines; ConfigError saying why RE2 refuses it."""
+    options = re2.Options()
+    options.dot_nl = True
+    options.never_capture = True  # only whether it matches counts
+    options.log_errors = False  # the ConfigError says it; RE2 would also print it to stderr
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+    try:
+        re.compile(pattern)
+        python = ("; Python's re accepts it, RE2 does not: backreferences, lookahead/lookbehind, atomic groups "
+                  "and possessive quantifiers need backtracking, which takes exponential time on some texts")
+    except re.error:
+        python = ""
+    raise ConfigError(f"{spec}: not a valid RE2 regular expression ({reason}){python}. builtin:regex takes RE2 "
+                      f"syntax (https://github.com/google/re2/wiki/Syntax), matched in linear time")
 
 
 def _builtin(spec: str) -> Callable[[str, str], float]:
@@ -86,10 +138,7 @@ def _builtin(spec: str) -> Callable[[str, str], float]:
     if kind == "regex":
         if not rest:
             raise ConfigError(f"{spec}: builtin:regex needs a pattern (builtin:regex:PATTERN)")
-        try:
-            return _regex(re.compile(rest, re.DOTALL))
-        except re.error as exc:
-            raise ConfigError(f"{spec}: not a valid regular expression: {exc}") from None
+        return _regex(compile_re2(spec, rest))
     raise ConfigError(f"{spec}: unknown built-in {kind!r}; the built-ins are builtin:length and builtin:regex")
 
 

@@ -10,7 +10,7 @@ import asyncio
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.errors import InvalidArgument, ServiceError
 from services.common.text import ChatMessage
-from services.reward.scorer import CompareResult, ModelInfo, Pair, PairResult, Scorer
+from services.reward.scorer import CompareResult, LoadResult, ModelInfo, Pair, PairResult, Scorer
 from services.reward.tokens import Input
 
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
@@ -49,13 +49,19 @@ def _pair(prompt: common_pb2.TextOrTokens, response: common_pb2.TextOrTokens, na
 
 def _result(r: PairResult) -> reward_pb2.ScoreResult:
     return reward_pb2.ScoreResult(score=r.score, raw_score=r.raw_score, truncated=r.truncated,
-                                  num_tokens=r.num_tokens, components=r.components)
+                                  num_tokens=r.num_tokens, components=r.components, model_version=r.model_version)
 
 
-def _compare(r: CompareResult, version: str) -> reward_pb2.CompareResponse:
+def _compare(r: CompareResult) -> reward_pb2.CompareResponse:
     return reward_pb2.CompareResponse(first_score=r.first_score, second_score=r.second_score,
                                       prob_first_preferred=r.prob_first_preferred, truncated=r.truncated,
-                                      model_version=version)
+                                      model_version=r.model_version)
+
+
+def _loaded(r: LoadResult) -> reward_pb2.LoadModelResponse:
+    return reward_pb2.LoadModelResponse(model_version=r.model_version, previous_version=r.previous_version,
+                                        load_seconds=r.load_seconds, weights_version=r.weights_version,
+                                        model_path=r.model_path, changed=r.changed)
 
 
 def _info(i: ModelInfo) -> reward_pb2.RewardModelInfo:
@@ -66,7 +72,8 @@ def _info(i: ModelInfo) -> reward_pb2.RewardModelInfo:
         max_batch_size=i.max_batch_size, max_batch_tokens=i.max_batch_tokens,
         components=[reward_pb2.RewardComponent(name=c.name, weight=c.weight, kind=c.kind, source=c.source)
                     for c in i.components],
-        max_text_bytes=i.max_text_bytes)
+        max_text_bytes=i.max_text_bytes, weights_version=i.weights_version, model_path=i.model_path,
+        loaded_at=i.loaded_at, model_roots=i.model_roots)
 
 
 class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
@@ -84,7 +91,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         pairs = [_pair(p.prompt, p.response, f"pairs[{i}]", f"pairs[{i}].prompt", f"pairs[{i}].response")
                  for i, p in enumerate(request.pairs)]
         results = await self.scorer.score(pairs, truncation, request.normalize)
-        return reward_pb2.ScoreResponse(results=[_result(r) for r in results], model_version=self.scorer.version,
+        # One version scored them all (the one served when the request came)
+        return reward_pb2.ScoreResponse(results=[_result(r) for r in results], model_version=results[0].model_version,
                                         request_id=request.request_id)
 
     async def Score(self, request, context):
@@ -123,7 +131,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         truncation = truncation_name(request.truncation)
         first = _pair(request.prompt, request.first, "(prompt, first)", "prompt", "first")
         second = _pair(request.prompt, request.second, "(prompt, second)", "prompt", "second")
-        return _compare(await self.scorer.compare(first, second, truncation), self.scorer.version)
+        return _compare(await self.scorer.compare(first, second, truncation))
 
     async def GetModelInfo(self, request, context):
         return _info(self.scorer.info())
+
+    async def LoadModel(self, request, context):
+        return _loaded(await self.scorer.load_model(request.model_path, request.expected_weights_version,
+                                                    request.if_version))

@@ -4,9 +4,15 @@ score them on the reward service, and gather every rank's samples into the step'
 Each rank generates and scores its own share (Dist.rows), with gRPC calls only and no
 collective, so that one_step_off can run a share in a background thread while the main thread
 trains; finish_rollout() is where the ranks meet again.
+
+Every score names the reward model version that made it, and a step's advantages never mix two:
+when the reward service swapped its model while a step was being scored (LoadModel), the scores
+of other versions are made again by the version it serves now, and dropped if that keeps changing
+(unify_reward_versions).
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -27,7 +33,8 @@ class Share:
     failed: generated again when the rollout is finished), the scores of the completions, and
     how long generating and scoring took."""
     results: list
-    scores: dict[tuple[int, int], tuple[float, dict[str, float]]]  # (prompt, completion) -> score, components
+    # (prompt, completion) -> score, components, the reward model version that scored it
+    scores: dict[tuple[int, int], tuple[float, dict[str, float], str]]
     generate_seconds: float = 0.0
     score_seconds: float = 0.0
 
@@ -47,11 +54,58 @@ class PendingRollout:
 
 def score_share(scorer: Scorer, config: Config, prompts: list[str], results: list, which: list[int]) -> dict:
     """Scores of the non-empty completions of the prompts `which` (an empty answer has nothing to score)."""
-    keys = [(j, c.index) for j in which for c in results[j].completions if c.text.strip()]
-    texts = {(j, c.index): c.text for j in which for c in results[j].completions}
+    return score_keys(scorer, config, prompts, results,
+                      [(j, c.index) for j in which for c in results[j].completions if c.text.strip()])
+
+
+def score_keys(scorer: Scorer, config: Config, prompts: list[str], results: list, keys: list[tuple[int, int]]) -> dict:
+    """{(prompt, completion): (score, components, reward model version)} of those completions."""
+    texts = {(j, c.index): c.text for j, _ in keys for c in results[j].completions}
     scored = scorer.score([(prompts[j], texts[(j, k)]) for j, k in keys],
                           normalize=config.ppo.normalize_scores) if keys else []
-    return {key: (r.score, dict(r.components)) for key, r in zip(keys, scored)}
+    return {key: (r.score, dict(r.components), r.model_version) for key, r in zip(keys, scored)}
+
+
+RESCORE_ROUNDS = 3  # then what another swap left behind is dropped
+
+
+@dataclasses.dataclass
+class RewardVersions:
+    """What a step's scores came to: one reward model version, and what it took (over all ranks)."""
+    version: str  # of every score trained on ("" from a reward service older than versions)
+    first: dict[str, int]  # scores by the version that made them first
+    rescored: int
+    dropped: set[tuple[int, int]]  # this rank's completions left out: never scored by `version`
+    dropped_total: int
+
+
+def unify_reward_versions(scorer: Scorer, config: Config, prompts: list[str], share: Share, d: Dist) -> RewardVersions:
+    """Make every rank's scores of one step come from one reward model version: the one the service
+    serves now (an older one cannot be asked again), by scoring again what another version scored;
+    after RESCORE_ROUNDS of it with the service still swapping, drop what is not of the last one.
+    A collective: every rank calls it."""
+    errors = (DependencyDown, Stopped, RequestRefused)
+    first = collections.Counter(v for _, _, v in share.scores.values())
+    rescored, dropped = 0, set()
+    for round_ in range(RESCORE_ROUNDS + 1):
+        counts = sum(distributed.all_gather_object(collections.Counter(v for _, _, v in share.scores.values())),
+                     collections.Counter())
+        if len(counts) <= 1:
+            break
+        served = distributed.agree(lambda: scorer.model_info().model_version if d.main else None, d, errors)[0]
+        others = [key for key, (_, _, v) in share.scores.items() if v != served]
+        if round_ == RESCORE_ROUNDS:
+            for key in others:
+                del share.scores[key]
+            dropped.update(others)
+            break
+        share.scores |= distributed.agree(lambda: score_keys(scorer, config, prompts, share.results, others), d,
+                                          errors)[d.rank]
+        rescored += len(others)
+    parts = distributed.all_gather_object((first, rescored, len(dropped), {v for _, _, v in share.scores.values()}))
+    versions = set().union(*(p[3] for p in parts))
+    return RewardVersions(next(iter(versions), ""), dict(sum((p[0] for p in parts), collections.Counter())),
+                          sum(p[1] for p in parts), dropped, sum(p[2] for p in parts))
 
 
 def run_share(replicas: PolicyReplicas, scorer: Scorer, config: Config, prompts: list[str], prompt_ids, sampling,
@@ -100,6 +154,7 @@ def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, rep
     with phase(seconds, Phase.SCORING, control):
         share.scores |= distributed.agree(lambda: score_share(scorer, config, mine_prompts, share.results, failed), d,
                                           (DependencyDown, Stopped, RequestRefused))[d.rank]
+        reward = unify_reward_versions(scorer, config, mine_prompts, share, d)
     state.prompts_in_flight = None
     if pending.future is None:  # sync: the time was spent here, in these phases
         seconds[Phase.GENERATING.value] = seconds.get(Phase.GENERATING.value, 0.0) - waited + share.generate_seconds
@@ -115,10 +170,12 @@ def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, rep
             tokens += len(c.token_ids)
             if not 0 <= version - c.weight_version <= staleness:
                 stale += 1
+            elif (j, c.index) in reward.dropped:  # counted by unify_reward_versions
+                pass
             elif (j, c.index) not in share.scores:
                 empty += 1
             else:
-                score, components = share.scores[(j, c.index)]
+                score, components, _ = share.scores[(j, c.index)]
                 group.append(Sample(mine_prompts[j], pending.prompt_ids[j], list(c.token_ids), c.text,
                                     list(c.logprobs), c.finish_reason, c.weight_version, score, components))
         groups.append(group)
@@ -136,7 +193,9 @@ def finish_rollout(pending: PendingRollout, state: PPOState, config: Config, rep
     return Rollout([s for g in groups for s in g], pending.prompts, generated_tokens=sum(p[1] for p in parts),
                    group_sizes=[len(g) for g in groups], dropped_stale=sum(p[2] for p in parts),
                    dropped_empty=sum(p[3] for p in parts), dropped_trim=total - sum(map(len, groups)),
-                   rollout_seconds=max(p[4] for p in parts), waited_seconds=waited)
+                   rollout_seconds=max(p[4] for p in parts), waited_seconds=waited, reward_version=reward.version,
+                   reward_versions=reward.first, rescored_reward_version=reward.rescored,
+                   dropped_reward_version=reward.dropped_total)
 
 
 def abandon(pending: PendingRollout | None) -> None:

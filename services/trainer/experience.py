@@ -39,6 +39,10 @@ class Rollout:
     dropped_trim: int = 0  # cut so the batch splits into whole minibatches
     rollout_seconds: float = 0.0  # generating and scoring it took (the slowest rank)
     waited_seconds: float = 0.0  # the trainer waited for it (less than rollout_seconds when it ran in the background)
+    reward_version: str = ""  # the reward model version of every score (collect.unify_reward_versions)
+    reward_versions: dict[str, int] = dataclasses.field(default_factory=dict)  # scores by the version that made them first
+    rescored_reward_version: int = 0  # scored again: another version had scored them
+    dropped_reward_version: int = 0  # left out: the reward model kept changing while they were scored again
 
 
 @dataclasses.dataclass

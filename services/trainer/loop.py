@@ -201,6 +201,9 @@ def step_metrics(state: PPOState, rollout: Rollout, exp: Experience, stats: dict
         reward_mean=float(np.mean([s.score for s in samples])), score_mean=exp.scores.mean().item(),
         reward_components={name: float(np.mean([s.components[name] for s in samples]))
                            for name in samples[0].components},
+        reward_version=rollout.reward_version, reward_versions=dict(rollout.reward_versions),
+        completions_rescored=rollout.rescored_reward_version,
+        completions_dropped_reward_version=rollout.dropped_reward_version,
         kl=exp.kl.sum(-1).mean().item(), entropy=stats["entropy"], clip_fraction=stats["clip_fraction"],
         approx_kl=stats["approx_kl"], policy_loss=stats["policy_loss"], value_loss=stats["value_loss"],
         kl_loss=stats["kl_loss"], beta=beta,

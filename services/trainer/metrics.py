@@ -45,6 +45,12 @@ class StepMetrics:
     rollout_hidden: float  # share of rollout_seconds spent while the trainer trained (one_step_off)
     prompts_sha: str  # of the step's prompts: resume repeats or skips none
     phase_seconds: dict[str, float]  # generate, score, reference, train, push
+    # (defaults: a checkpoint's history from before these fields still loads)
+    reward_version: str = ""  # the reward model version of every score in the step (one: never two in one step)
+    reward_versions: dict[str, int] = dataclasses.field(default_factory=dict)  # scores by the version that made
+    # them first (two or more: the reward service swapped its model while the step was scored)
+    completions_rescored: int = 0  # scored again by reward_version: another version had scored them
+    completions_dropped_reward_version: int = 0  # left out: the reward model kept changing while they were rescored
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,7 +83,12 @@ GENERATED_TOKENS = Counter("rlhf_trainer_generated_tokens_total", "Tokens genera
 STEP_SECONDS = Histogram("rlhf_trainer_step_seconds", "Seconds per PPO step phase.", ["phase"],
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
 DROPPED = Counter("rlhf_trainer_completions_dropped_total", "Completions sampled but not trained on, by reason "
-                  "(stale: other weights; empty: nothing to score; trim: past the last whole minibatch).", ["reason"])
+                  "(stale: other weights; empty: nothing to score; trim: past the last whole minibatch; "
+                  "reward_version: the reward model kept changing while they were scored).", ["reason"])
+RESCORED = Counter("rlhf_trainer_completions_rescored_total", "Completions scored again because another reward model "
+                   "version had scored them than the rest of their step.")
+REWARD_VERSION = Gauge("rlhf_trainer_reward_model_info", "1 for the reward model version of the last step's scores.",
+                       ["model_version"])
 RESYNCS = Counter("rlhf_trainer_replica_resyncs_total", "Pushes made to bring a restarted or stale replica back.")
 PUSHES = Counter("rlhf_trainer_weight_pushes_total", "Weight pushes to one replica, by result.", ["result"])
 
@@ -98,8 +109,11 @@ def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
     for phase, seconds in m.phase_seconds.items():
         STEP_SECONDS.labels(phase).observe(seconds)
     for reason, n in (("stale", m.completions_dropped), ("empty", m.completions_empty),
-                      ("trim", m.completions_trimmed)):
+                      ("trim", m.completions_trimmed), ("reward_version", m.completions_dropped_reward_version)):
         DROPPED.labels(reason).inc(n)
+    RESCORED.inc(m.completions_rescored)
+    REWARD_VERSION.clear()
+    REWARD_VERSION.labels(m.reward_version).set(1)
     RESYNCS.inc(new_resyncs)
 
 

@@ -379,15 +379,24 @@ class Scorer:
     def __init__(self, address: str, config: ClientConfig, backoff: Backoff, timeout: float):
         self.client = RewardClient(address, config, timeout=timeout)
         self.backoff = backoff
+        self.max_pairs = 0  # the service's limit per Score, asked once
 
     def model_info(self):
         return self.backoff.retry("reward service", self.client.model_info)
 
     def score(self, pairs: list[tuple[str, str | list[int]]], normalize: bool, on_wait=None):
-        """One ScoreResult per pair, in order."""
-        reply = self.backoff.retry("reward service", lambda: self.client.score(
-            pairs, truncation="keep_end_of_prompt", normalize=normalize), on_wait)
-        return list(reply.results)
+        """One ScoreResult per pair, in order, each naming the reward model version that scored it:
+        in requests of at most the service's max_pairs (their versions may differ when the service
+        swaps its model meanwhile: collect.unify_reward_versions makes them one)."""
+        if not self.max_pairs:
+            self.max_pairs = self.model_info().max_pairs or 256
+        results = []
+        for i in range(0, len(pairs), self.max_pairs):
+            chunk = pairs[i:i + self.max_pairs]
+            reply = self.backoff.retry("reward service", lambda: self.client.score(
+                chunk, truncation="keep_end_of_prompt", normalize=normalize), on_wait)
+            results += reply.results
+        return results
 
     def close(self) -> None:
         self.client.close()

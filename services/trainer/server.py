@@ -15,7 +15,8 @@ PHASES = {phase: trainer_pb2.Phase.Value(f"PHASE_{phase.name}") for phase in Pha
 # StepMetrics fields without a field of their own in the message: they go to `extra`.
 EXTRA = ("pushed_version", "score_mean", "kl_loss", "logprob_gap", "completions", "completions_dropped", "completions_empty",
          "completions_trimmed", "generated_tokens", "missing_eos_share", "response_length", "replica_resyncs",
-         "is_weight_mean", "is_weight_max", "is_capped_share", "rollout_seconds", "rollout_hidden")
+         "is_weight_mean", "is_weight_max", "is_capped_share", "rollout_seconds", "rollout_hidden",
+         "completions_rescored", "completions_dropped_reward_version")
 
 
 def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
@@ -24,8 +25,10 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         clip_fraction=m.clip_fraction, approx_kl=m.approx_kl, policy_loss=m.policy_loss, value_loss=m.value_loss,
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
         extra={**{key: float(getattr(m, key)) for key in EXTRA},
-               **{f"reward_{name}": value for name, value in m.reward_components.items()}},
-        time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)))
+               **{f"reward_{name}": value for name, value in m.reward_components.items()},
+               **{f"reward_scored_by_{version}": float(n) for version, n in m.reward_versions.items()}},
+        time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)),
+        reward_model_version=m.reward_version)
 
 
 def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
@@ -37,7 +40,8 @@ def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
     return trainer_pb2.TrainerStatus(
         phase=PHASES[s.phase], step=s.step, total_steps=s.total_steps, weight_version=s.weight_version,
         replicas=[replica_status(r) for r in s.replicas], replicas_in_sync=sum(r.in_sync for r in s.replicas),
-        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message)
+        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message,
+        reward_model_version=s.last.reward_version if s.last else "")
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

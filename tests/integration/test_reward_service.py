@@ -236,6 +236,14 @@ def test_model_info(client):
     assert info.max_text_bytes == MAX_TEXT_BYTES
     assert [(c.name, c.weight, c.kind) for c in info.components] == [("rm", 1.0, "model")]
     assert re.fullmatch(r"[0-9a-f]+", info.instance_id)
+    assert info.weights_version == info.model_version and list(info.model_roots) == []
+
+
+def test_load_model_is_off_without_a_model_root(client, reward_dir):
+    with pytest.raises(grpc.RpcError) as e:
+        client.load_model(str(reward_dir))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "LoadModel is off on this server: start it with --model-root" in e.value.details()
 
 
 def templated(tok, prompt: str) -> str:
@@ -649,6 +657,10 @@ def test_rules_only_service_runs_without_torch(tmp_path_factory):
             assert f"{what} need the reward model's tokenizer" in e.value.details()
         info = c.model_info()
         assert [x.name for x in info.components] == ["fmt", "long"] and info.model_name == "" and info.max_length == 0
+        assert good.model_version == info.model_version
+        with pytest.raises(grpc.RpcError) as e:
+            c.load_model("/models/reward")
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "reward functions only" in e.value.details()
         status, body = post(f"http://127.0.0.1:{http_port}/get_reward",
                             {"query": ["<|user|>Q?<|assistant|>Fine."], "prompts": ["<|user|>Q?<|assistant|>"]})
         assert status == 200 and body["rewards"] == [1.0], body
@@ -662,7 +674,10 @@ def test_rules_only_service_runs_without_torch(tmp_path_factory):
     (["--reward-function", "fmt"], ["NAME=SPEC"]),
     (["--reward-function", "x=no_such_module_anywhere:f"], ["cannot import no_such_module_anywhere"]),
     (["--reward-function", "x=json:__name__"], ["not a callable"]),
-    (["--reward-function", "x=builtin:regex:(["], ["not a valid regular expression"]),
+    (["--reward-function", "x=builtin:regex:(["], ["not a valid RE2 regular expression"]),
+    (["--reward-function", "x=builtin:regex:(a)\\1"], ["not a valid RE2 regular expression", "backreferences"]),
+    (["--reward-function", "x=builtin:length", "--reward-function-timeout-s", "0"], ["--reward-function-timeout-s"]),
+    (["--reward-function", "x=builtin:length", "--reward-function-workers", "0"], ["--reward-function-workers"]),
     (["--reward-function", "x=builtin:length", "--reward-mix", "x=1,rm=1"], ["no component named rm"]),
     (["--reward-function", "x=builtin:length", "--reward-function", "y=builtin:length", "--reward-mix", "x=1"],
      ["no weight to y"]),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import math
+import threading
 import time
 import types
 import urllib.error
@@ -327,13 +329,14 @@ def test_every_rpc_needs_the_token(reward, request):
                 "Compare": lambda: stub.Compare(reward_pb2.CompareRequest(prompt=pair.prompt, first=pair.response,
                                                                           second=pair.response), timeout=30),
                 "GetModelInfo": lambda: stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=30),
+                "LoadModel": lambda: stub.LoadModel(reward_pb2.LoadModelRequest(model_path="/"), timeout=30),
             }
             for name, call in calls.items():
                 with pytest.raises(grpc.RpcError) as err:
                     call()
                 assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (token, name, err.value)
                 refused += 1
-    record(request, f"Auth: RewardService, 4 RPCs x {len(BAD_TOKENS)} missing/wrong tokens", cases=refused,
+    record(request, f"Auth: RewardService, 5 RPCs x {len(BAD_TOKENS)} missing/wrong tokens", cases=refused,
            errors=f"{refused} UNAUTHENTICATED", result="pass")
 
 
@@ -597,3 +600,143 @@ def test_sigterm_under_load_drains(tiny_reward_dir, reliability_logs, request):
         row, failed = sigterm_under_load(server, REWARD, ClientConfig(), "reward", grace=10, clients=32)
     record(request, "SIGTERM under load: RewardService, 32 clients", **row)
     assert not failed, (failed, row)
+
+
+# ---- 6. hostile reward functions (issue 21, items 1-4) -----------------------------------------
+
+HOSTILE = """
+import os, time
+
+
+def huge(prompt, response):
+    return 1e308 if "huge" in response else 0.0
+
+
+def slow(prompt, response):
+    if "slow" in response:
+        time.sleep(30)
+    return 0.0
+
+
+def exits(prompt, response):
+    if "exit" in response:
+        raise SystemExit(3)
+    if "interrupt" in response:
+        raise KeyboardInterrupt
+    if "die" in response:
+        os._exit(7)
+    return 0.0
+"""
+FUNCTION_LIMIT_S = 2.0
+
+
+@contextlib.contextmanager
+def health_watch(address: str):
+    """Health checks every 50 ms in a thread while the block runs; what it yields fills with the
+    time between answers (gaps) and the checks unanswered (failed)."""
+    seen, stop = types.SimpleNamespace(gaps=[], failed=0), threading.Event()
+
+    def watch():
+        last = time.monotonic()
+        while not stop.is_set():
+            ok = health_status(address, REWARD, timeout=10.0) == 1
+            if ok:
+                seen.gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+            seen.failed += not ok
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.fixture(scope="module")
+def hostile(reliability_logs, tmp_path_factory):
+    """A service of reward functions only (no model): the user's module and a built-in regex that
+    backtracks exponentially in Python's re, in one mix, with a 2 s limit per call."""
+    import sys
+
+    from services.demo.launch import ChildServer, rlhf_command
+
+    lib = tmp_path_factory.mktemp("hostile")
+    (lib / "hostile_rules.py").write_text(HOSTILE)
+    port = free_port()
+    argv = rlhf_command("serve", "reward", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0",
+                        "--reward-function", "huge=hostile_rules:huge", "--reward-function", "slow=hostile_rules:slow",
+                        "--reward-function", "exits=hostile_rules:exits",
+                        "--reward-function", "fmt=builtin:regex:(a+)+b", "--reward-mix", "huge=10,slow=1,exits=1,fmt=1",
+                        "--reward-function-timeout-s", str(FUNCTION_LIMIT_S), "--reward-function-workers", "4")
+    with ChildServer(argv, port=port, service=REWARD, env={"RLHF_AUTH_TOKEN": "", "PYTHONPATH": f"{lib}:{sys.path[0]}"},
+                     log_path=reliability_logs / f"hostile-{port}.log") as server:
+        yield server
+
+
+def _score_text(stub, response: str, timeout: float = 120):
+    request = reward_pb2.ScoreRequest(pairs=[reward_pb2.ScorePair(prompt=common_pb2.TextOrTokens(text="Q?"),
+                                                                  response=common_pb2.TextOrTokens(text=response))])
+    start = time.monotonic()
+    try:
+        return stub.Score(request, timeout=timeout), time.monotonic() - start
+    except grpc.RpcError as e:
+        return e, time.monotonic() - start
+
+
+def test_hostile_reward_functions_cannot_stall_or_poison_the_service(hostile, request):
+    """Issue 21.1-21.4 on a live server: a score that would be inf, a regular expression that
+    backtracks, a function that sleeps 30 s called by 5 requests at once next to an unrelated one,
+    and SystemExit / KeyboardInterrupt / os._exit from a function. Each is INVALID_ARGUMENT naming
+    what, health answers throughout, and the service serves on."""
+    with create_channel(hostile.address, ClientConfig()) as channel, health_watch(hostile.address) as health:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        # 1. inf after the weight: was OK with score=inf
+        inf, _ = _score_text(stub, "huge")
+        # 2. (a+)+b on 27 a's and '!': was 6 s with health silent for 5.8 s
+        regex = [_score_text(stub, "a" * n + "!") for n in (27, 60_000)]
+        # 3. 5 requests of a function sleeping 30 s, then an unrelated one: it waited 28 s
+        pool = concurrent.futures.ThreadPoolExecutor(6)
+        slow = [pool.submit(_score_text, stub, "slow") for _ in range(5)]
+        time.sleep(0.3)
+        unrelated, unrelated_s = _score_text(stub, "fine")
+        slow = [f.result() for f in slow]
+        pool.shutdown()
+        # 4. any exit of user code: SystemExit was INTERNAL
+        exits = [_score_text(stub, word) for word in ("exit", "interrupt", "die")]
+        time.sleep(2)
+        after, _ = _score_text(stub, "fine")
+    ia = grpc.StatusCode.INVALID_ARGUMENT
+    slow_s = max(t for _, t in slow)
+    checks = {
+        "inf: INVALID_ARGUMENT naming the component": isinstance(inf, grpc.RpcError) and inf.code() == ia
+        and "reward component huge is 1e+308, not a finite float32" in inf.details(),
+        "regex: answered at once": all(not isinstance(r, grpc.RpcError) and r.results[0].components["fmt"] == 0.0
+                                       and t < 2.0 for r, t in regex),
+        "slow: INVALID_ARGUMENT at the limit": all(isinstance(r, grpc.RpcError) and r.code() == ia and
+                                                   "took longer than the time limit of 2 s" in r.details()
+                                                   for r, _ in slow) and slow_s < 30,
+        "unrelated: answered": not isinstance(unrelated, grpc.RpcError) and unrelated_s < 15,
+        "exits: INVALID_ARGUMENT naming the function": [e.code() if isinstance(e, grpc.RpcError) else "OK"
+                                                        for e, _ in exits] == [ia] * 3
+        and "SystemExit: 3" in exits[0][0].details() and "KeyboardInterrupt" in exits[1][0].details()
+        and "ended its worker process" in exits[2][0].details() and "exits (hostile_rules:exits)" in exits[0][0].details(),
+        "serves on": not isinstance(after, grpc.RpcError) and after.results[0].score == 0.0,
+        "health: never silent 3 s": max(health.gaps, default=math.inf) < 3.0 and health.failed == 0,
+    }
+    record(request, "Hostile reward functions (issue 21.1-21.4): inf x weight, (a+)+b regex, 30 s sleep x 5 + an "
+                    "unrelated Score, SystemExit / KeyboardInterrupt / os._exit", cases=1 + 2 + 6 + 3 + 1,
+           faults="1e308 x 10; 27 and 60,000 a's + '!'; 5 calls of 30 s (limit 2 s, 4 workers); 3 exits",
+           errors=f"inf: {inf.code().name if isinstance(inf, grpc.RpcError) else 'OK'}; exits: "
+                  f"{[e.code().name if isinstance(e, grpc.RpcError) else 'OK' for e, _ in exits]}; slow: "
+                  f"{[r.code().name if isinstance(r, grpc.RpcError) else 'OK' for r, _ in slow]} after at most "
+                  f"{slow_s:.1f} s",
+           load=f"regex Score {regex[0][1] * 1000:.0f} ms (27 a's), {regex[1][1] * 1000:.0f} ms (60,000 a's); "
+                f"unrelated Score {unrelated_s:.1f} s; health: longest silence "
+                f"{max(health.gaps, default=math.inf) * 1000:.0f} ms, "
+                f"{health.failed} unanswered of {len(health.gaps) + health.failed}",
+           lost=0 if checks["serves on"] else "did not serve on",
+           result="pass" if all(checks.values()) else "FAIL: " + ", ".join(k for k, v in checks.items() if not v))
+    assert all(checks.values()), checks

@@ -1,14 +1,16 @@
-"""Reward functions and the mix: the spec syntax, the built-ins' values, loading errors, bad returns."""
+"""Reward functions and the mix: the spec syntax, the built-ins' values (regular expressions in RE2,
+linear time), loading errors, bad returns and exceptions of every kind."""
 from __future__ import annotations
 
 import math
 import sys
+import time
 import types
 
 import pytest
 
 from services.common.errors import InvalidArgument
-from services.reward.rules import ConfigError, load_function, load_functions, parse_mix
+from services.reward.rules import ConfigError, RewardFunction, load_function, load_functions, parse_mix
 
 
 @pytest.fixture()
@@ -56,7 +58,7 @@ def test_imported_functions_and_dotted_attributes(user_module):
     ("x=builtin:length:bytes", ["chars or words", "'bytes'"]),
     ("x=builtin:length:words:-3", ["whole number"]),
     ("x=builtin:regex:", ["needs a pattern"]),
-    ("x=builtin:regex:(unclosed", ["not a valid regular expression"]),
+    ("x=builtin:regex:(unclosed", ["not a valid RE2 regular expression", "missing )"]),
     ("x=builtin:sqrt", ["unknown built-in", "'sqrt'"]),
     ("x=no_such_module_here:f", ["cannot import no_such_module_here", "ModuleNotFoundError"]),
     ("x=my_rewards:missing", ["has no attribute missing"]),
@@ -105,3 +107,63 @@ def test_mix_defaults_to_weight_one_and_needs_every_component():
             parse_mix(spec, ["rm", "fmt"])
         for w in words:
             assert w in str(e.value), (w, str(e.value))
+
+
+# ---- issue 21.2: regular expressions in linear time (RE2) ---------------------------------------
+
+def test_builtin_regex_takes_linear_time_on_what_backtracks_exponentially():
+    """(a+)+b against a's and a '!': Python's re took 6 s for 27 a's (health silent meanwhile),
+    twice as long for each one more. RE2 answers at once, for 28 a's or 60,000."""
+    fmt = load_function("x=builtin:regex:(a+)+b").fn
+    for n in (28, 60_000):
+        start = time.perf_counter()
+        assert fmt("p", "a" * n + "!") == 0.0
+        assert time.perf_counter() - start < 2.0, n  # Python's re: ~12 s for 28 on this machine
+    assert fmt("p", "aaab") == 1.0
+
+
+@pytest.mark.parametrize("pattern, words", [
+    ("(a)\\1", ["invalid escape sequence: \\1", "Python's re accepts it", "backreferences"]),
+    ("(?P<x>a)(?P=x)", ["invalid perl operator", "Python's re accepts it"]),
+    ("(?=a)a", ["invalid perl operator: (?=", "lookahead/lookbehind"]),
+    ("(?<!a)b", ["invalid perl operator: (?<!"]),
+    ("a{1001}", ["invalid repetition size"]),
+])
+def test_regex_outside_re2_is_refused_at_start_saying_why(pattern, words):
+    with pytest.raises(ConfigError) as e:
+        load_function(f"x=builtin:regex:{pattern}")
+    for w in words + ["not a valid RE2 regular expression", "RE2 syntax"]:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_re2_keeps_what_the_built_in_promised():
+    """Named groups, classes, flags, Unicode, and "." across lines (what DOTALL gave)."""
+    assert load_function("x=builtin:regex:(?P<think>.*)</t>\\s*\\d+").fn("p", "a\nb</t>\n42") == 1.0
+    assert load_function("x=builtin:regex:(?i)[[:alpha:]é]+").fn("p", "HÉllo") == 1.0
+    assert load_function("x=builtin:regex:\\p{Greek}+").fn("p", "αβγ") == 1.0
+
+
+# ---- issue 21.4: every BaseException of user code is the function's failure ----------------------
+
+@pytest.mark.parametrize("exc, shown", [(SystemExit(3), "SystemExit: 3"), (KeyboardInterrupt(), "KeyboardInterrupt"),
+                                        (GeneratorExit(), "GeneratorExit")])
+def test_a_base_exception_from_a_function_is_invalid_argument_naming_it(exc, shown):
+    def raises(prompt, response):
+        raise exc
+
+    f = RewardFunction("bad", "mod:bad", raises)
+    with pytest.raises(InvalidArgument) as e:
+        f("p", "r", "pairs[2]")
+    assert str(e.value) == f"reward function bad (mod:bad) failed on pairs[2]: {shown}"
+
+
+def test_an_exception_whose_text_fails_is_still_reported():
+    class Nasty(Exception):
+        def __str__(self):
+            raise RuntimeError("no text")
+
+    def raises(prompt, response):
+        raise Nasty()
+
+    with pytest.raises(InvalidArgument, match="failed on pairs\\[0\\]: Nasty: <Nasty whose text cannot be shown>"):
+        RewardFunction("n", "mod:n", raises)("p", "r", "pairs[0]")

@@ -7,28 +7,16 @@ import asyncio
 import json
 import math
 import shutil
-import threading
 import time
 
 import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.text import ChatMessage, format_prompt
-from services.reward.rules import RewardFunction, load_function
+from services.reward.rules import load_function
 from services.reward.scorer import Pair, Query, RewardSettings, Scorer
 
 MEAN, STD = 0.5, 2.0
-
-
-@pytest.fixture(scope="module")
-def loop():
-    """One event loop in a thread for the module: scorers start once and serve every test."""
-    lp = asyncio.new_event_loop()
-    t = threading.Thread(target=lp.run_forever, daemon=True)
-    t.start()
-    yield lp
-    lp.call_soon_threadsafe(lp.stop)
-    t.join()
 
 
 def run(loop, coro, timeout=120):
@@ -44,7 +32,8 @@ def rm_dir(tiny_reward_dir, tmp_path_factory):
 
 
 def started(loop, **kw) -> Scorer:
-    scorer = Scorer(RewardSettings(device="cpu", max_wait_ms=1.0, **kw))
+    """A started core; one worker process for the functions of rule_functions.py (they start in ~1 s each)."""
+    scorer = Scorer(RewardSettings(**{"device": "cpu", "max_wait_ms": 1.0, "function_workers": 1, **kw}))
     run(loop, scorer.start())
     return scorer
 
@@ -56,19 +45,10 @@ def plain(loop, rm_dir):
     run(loop, s.stop())
 
 
-def words(prompt: str, response: str) -> float:
-    return float(len(response.split()))
-
-
-def picky(prompt: str, response: str) -> float:
-    if "boom" in response:
-        raise ValueError("cannot grade this")
-    return 1.0 if response.endswith(".") else 0.0
-
-
 @pytest.fixture(scope="module")
 def mixed(loop, rm_dir):
-    fns = [RewardFunction("words", "test:words", words), RewardFunction("picky", "test:picky", picky),
+    """The model, two functions of rule_functions.py (run in worker processes) and a built-in."""
+    fns = [load_function("words=rule_functions:words"), load_function("picky=rule_functions:picky"),
            load_function("fmt=builtin:regex:[A-Z].*")]
     s = started(loop, model=str(rm_dir), max_length=96, functions=fns, mix="rm=2,words=-0.25,picky=0.5,fmt=1")
     yield s
@@ -92,7 +72,7 @@ def test_one_user_message_scores_like_the_same_text(loop, plain):
 
 
 def test_a_conversation_scores_like_the_ids_of_its_rendered_template(loop, plain):
-    tok = plain.tokenizer
+    tok = plain.served.tokenizer
     chat = (ChatMessage("system", "Be brief."), ChatMessage("user", "Hi"), ChatMessage("assistant", "Hello!"),
             ChatMessage("user", "Name a color."))
     rendered = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in chat], tokenize=False,
@@ -131,7 +111,7 @@ def test_a_model_without_chat_template_refuses_conversations(loop, rm_dir, tmp_p
         with pytest.raises(InvalidArgument, match="pairs\\[0\\].prompt: .*no chat template"):
             score(loop, s, [pair((ChatMessage("user", "Hi"),), "Hello")])
         (res,) = score(loop, s, [pair("Hi", "Hello")])  # text prompts: prompt + newline, as before
-        assert res.num_tokens == len(s.tokenizer("Hi\nHello", add_special_tokens=False)["input_ids"]) + 1
+        assert res.num_tokens == len(s.served.tokenizer("Hi\nHello", add_special_tokens=False)["input_ids"]) + 1
     finally:
         run(loop, s.stop())
 
@@ -139,7 +119,7 @@ def test_a_model_without_chat_template_refuses_conversations(loop, rm_dir, tmp_p
 # ---- OpenRLHF queries ---------------------------------------------------------------------------
 
 def test_openrlhf_queries_padded_or_not_score_like_the_pair(loop, plain):
-    tok = plain.tokenizer
+    tok = plain.served.tokenizer
     prompt, response = "Name a color.", "Blue is a color."
     templated = format_prompt(tok, prompt)
     (want,) = score(loop, plain, [pair(prompt, response)])
@@ -153,7 +133,7 @@ def test_openrlhf_queries_padded_or_not_score_like_the_pair(loop, plain):
 
 
 def test_openrlhf_query_keep_end_of_prompt_cuts_the_prompt(loop, plain):
-    tok = plain.tokenizer
+    tok = plain.served.tokenizer
     long_prompt, response = " ".join(f"w{i}" for i in range(80)), "A short answer."
     templated = format_prompt(tok, long_prompt)
     (want,) = score(loop, plain, [pair(long_prompt, response)], truncation="keep_end_of_prompt")
@@ -200,13 +180,13 @@ def test_compare_uses_the_mixed_scores(loop, mixed):
 def test_a_raising_function_fails_its_call_naming_pair_and_function(loop, mixed):
     with pytest.raises(InvalidArgument) as e:
         score(loop, mixed, [pair("Hi", "fine."), pair("Hi", "boom.", 1)])
-    assert "reward function picky (test:picky) failed on pairs[1]: ValueError: cannot grade this" in str(e.value)
+    assert "reward function picky (rule_functions:picky) failed on pairs[1]: ValueError: cannot grade this" in str(e.value)
     # The pairs already queued for the model are cancelled with the call and leave the queue.
     for _ in range(200):
-        if mixed.batcher.depth == 0:
+        if mixed.served.batcher.depth == 0:
             break
         time.sleep(0.01)
-    assert mixed.batcher.depth == 0
+    assert mixed.served.batcher.depth == 0
     assert len(score(loop, mixed, [pair("Hi", "fine.")])) == 1
 
 
@@ -219,14 +199,16 @@ def test_components_and_version_say_what_scores(loop, mixed, plain):
 
 
 def test_functions_read_text_prompts_as_sent_and_ids_decoded(loop, rm_dir):
-    seen = []
-    s = started(loop, model=str(rm_dir), functions=[RewardFunction("spy", "test:spy", lambda p, r: seen.append((p, r)) or 0.0)])
+    import zlib
+
+    s = started(loop, model=str(rm_dir), functions=[load_function("seen=rule_functions:seen")])
     try:
-        tok = s.tokenizer
+        tok = s.served.tokenizer
         ids = tok(format_prompt(tok, "Hi"), add_special_tokens=False)["input_ids"]
         response = tok("Hello!", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        score(loop, s, [pair("Hi", "Hello!"), pair(ids, response, 1), pair((ChatMessage("user", "Hi"),), "Hello!", 2)])
-        assert seen == [("Hi", "Hello!"), ("<|user|>Hi<|assistant|>", "Hello!"), ("<|user|>Hi<|assistant|>", "Hello!")]
+        got = score(loop, s, [pair("Hi", "Hello!"), pair(ids, response, 1), pair((ChatMessage("user", "Hi"),), "Hello!", 2)])
+        given = [("Hi", "Hello!"), ("<|user|>Hi<|assistant|>", "Hello!"), ("<|user|>Hi<|assistant|>", "Hello!")]
+        assert [r.components["seen"] for r in got] == [float(zlib.crc32(f"{p}\0{r}".encode())) for p, r in given]
     finally:
         run(loop, s.stop())
 
@@ -249,6 +231,37 @@ def test_rules_only_scores_text_and_refuses_what_needs_a_tokenizer(loop):
         run(loop, s.stop())
 
 
+# ---- issue 21.1: finite after the weight and the float32 cast ------------------------------------
+
+@pytest.mark.parametrize("functions, mix, words", [
+    # f = 1e308: finite as a float64, inf as the contract's float32 (it was score=inf, OK)
+    (["f=rule_functions:huge"], "f=10", ["pairs[0]: reward component f is 1e+308, not a finite float32"]),
+    # 3e38 is a float32, 10 x 3e38 is not: the weighted term
+    (["f=rule_functions:large"], "f=10", ["pairs[0]: reward component f = 3e+38 x weight 10 (--reward-mix) is 3e+39"]),
+    # each term finite, their sum not
+    (["f=rule_functions:large", "g=rule_functions:large"], "f=1,g=1",
+     ["pairs[0]: the raw score, the weighted sum of f, g, is 6e+38, not a finite float32"]),
+])
+def test_a_score_that_is_not_a_finite_float32_is_invalid_argument_naming_it(loop, functions, mix, words):
+    s = started(loop, functions=[load_function(f) for f in functions], mix=mix)
+    try:
+        with pytest.raises(InvalidArgument) as e:
+            score(loop, s, [pair("Q?", "an answer")])
+        for w in words:
+            assert w in str(e.value), (w, str(e.value))
+    finally:
+        run(loop, s.stop())
+
+
+def test_a_large_but_finite_score_passes_as_it_is(loop):
+    s = started(loop, functions=[load_function("f=rule_functions:large")], mix="f=1")
+    try:
+        (r,) = score(loop, s, [pair("Q?", "an answer")])
+        assert r.score == r.raw_score == 3e38 and r.components == {"f": 3e38}
+    finally:
+        run(loop, s.stop())
+
+
 # ---- the model's head ---------------------------------------------------------------------------
 
 def test_values_at_the_last_real_token_are_the_rewards_left_or_right_padded(plain):
@@ -256,7 +269,7 @@ def test_values_at_the_last_real_token_are_the_rewards_left_or_right_padded(plai
 
     from services.ml import head as rm
 
-    m, tok = plain.model, plain.tokenizer
+    m, tok = plain.served.model, plain.served.tokenizer
     seqs = [tok("<|user|>Hi<|assistant|>Hello!<|eos|>", add_special_tokens=False)["input_ids"], [5, 6, 7, 0]]
     ids, mask = rm.pad_batch(seqs, tok.pad_token_id)
     with torch.no_grad():
@@ -285,17 +298,17 @@ def test_batch_composition_moves_a_score_by_far_less_than_1e_5(plain):
     from services.demo.data import KINDS, all_prompts, make_answer
     from services.ml import head as rm
 
-    tok, rng = plain.tokenizer, random.Random(0)
+    tok, rng = plain.served.tokenizer, random.Random(0)
     seqs = []
     for _ in range(64):
         p = rng.choice(all_prompts())
         seqs.append(tok(format_prompt(tok, p) + make_answer(rng.choice(KINDS), p, rng) + tok.eos_token,
                         add_special_tokens=False)["input_ids"])
-    alone = [rm.score_batch(plain.model, [s], tok.pad_token_id)[0] for s in seqs]
+    alone = [rm.score_batch(plain.served.model, [s], tok.pad_token_id)[0] for s in seqs]
     diff = 0.0
     for size in (2, 8, 64):
         for i in range(0, len(seqs), size):
-            batched = rm.score_batch(plain.model, seqs[i:i + size], tok.pad_token_id)
+            batched = rm.score_batch(plain.served.model, seqs[i:i + size], tok.pad_token_id)
             diff = max(diff, *(abs(b - a) for b, a in zip(batched, alone[i:i + size])))
     print(f"largest difference from batch composition: {diff:.3g}")
     assert diff < 1e-5

@@ -30,14 +30,15 @@ SERVICES = ROOT / "services"
 
 CORES = ["services.policy.engine", "services.policy.worker", "services.policy.limits", "services.policy.weights",
          "services.policy.results", "services.policy.options", "services.ml.head", "services.reward.batcher",
-         "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.trainer.ppo",
+         "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.reward.served",
+         "services.reward.workers", "services.trainer.ppo",
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
          "services.trainer.state", "services.ml.head", "services.feedback.store", "services.feedback.rules",
          "services.feedback.sampler"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
-CLIENTS = ["services.policy.client", "services.reward.client", "services.feedback.client"]
+CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin", "services.feedback.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
 
 
