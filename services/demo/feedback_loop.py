@@ -156,6 +156,7 @@ def run(out: pathlib.Path, *, config_for, policy, reward, reward_address: str, p
     half = steps // 2
     log.info("feedback loop: PPO steps 1-%d", half)
     train(config_for(half), ClientConfig(), handle_signals=False)
+    between = time.perf_counter()  # the time between the two halves is not PPO's
 
     pairs = eval_pairs(policy, eval_prompts[:EVAL_PROMPTS], max_tokens=64)
     before, version_before = rm_agreement(reward, pairs)
@@ -191,10 +192,11 @@ def run(out: pathlib.Path, *, config_for, policy, reward, reward_address: str, p
     log.info("reward model %s (loaded in %.1f s, no restart) agrees with the gold labeller on %.2f of the same "
              "pairs (before: %.2f)", version_after, swap["load_seconds"], after, before)
 
+    between = time.perf_counter() - between
     log.info("feedback loop: PPO steps %d-%d against the refreshed reward model", half + 1, steps)
     history = train(config_for(steps), ClientConfig(), resume=True, handle_signals=False)
     return {"history": history, "summary": {
-        "steps_before_refresh": half, "judgments": total, "choices": choices, "labelling_seconds": labelling_s,
+        "steps_before_refresh": half, "seconds_between_halves": between, "judgments": total, "choices": choices, "labelling_seconds": labelling_s,
         "labeller_agreement": people.rate, "labeller_comparisons": people.compared,
         "served_rm_vs_people": served_vs_people.rate,
         "eval_pairs": len(pairs), "agreement_before": before, "agreement_after": after,

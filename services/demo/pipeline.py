@@ -251,6 +251,9 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
                 results["feedback_loop"] = loop["summary"]
                 results[name] = judge()
                 results[name]["run"] = run_stats(out / name, loop["history"], wall)
+                # seconds per PPO step: without the labelling, the refresh and the measurements between the halves
+                results[name]["run"]["seconds_per_step"] = ((wall - loop["summary"]["seconds_between_halves"])
+                                                            / max(len(loop["history"]), 1))
                 log.info("%s done in %.0f s: %s", name, wall, report.summary(results[name]))
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -54,7 +54,8 @@ def feedback_section(loop: dict) -> list[str]:
         f"time in ten) judged {loop['judgments']} pairs of the policy's answers through the feedback service's API "
         f"({loop['labelling_seconds']:.0f} s; {', '.join(f'{k} {v}' for k, v in loop['choices'].items())}). They "
         f"agreed with each other on {fmt(loop['labeller_agreement'])} of {loop['labeller_comparisons']} pairs judged "
-        f"twice; the served reward model agreed with them on {fmt(loop['served_rm_vs_people'])}. The reward model "
+        f"twice (ties included); the served reward model agreed with their choices of an answer on "
+        f"{fmt(loop['served_rm_vs_people'])}. The reward model "
         f"was refreshed from the judgments with a replay of the old comparisons ({loop['refresh_seconds']:.0f} s) "
         f"and loaded into the running reward service without a restart (LoadModel, {swap['load_seconds']:.1f} s: "
         f"version {swap['previous_version']} -> {swap['model_version']}); PPO went on against it.", "",
@@ -65,7 +66,8 @@ def feedback_section(loop: dict) -> list[str]:
         f"| {fmt(refresh['eval_accuracy_new'])} |",
         f"| held-out accuracy on the old comparisons | {fmt(refresh['init_eval_accuracy_old'])} "
         f"| {fmt(refresh['eval_accuracy_old'])} |",
-        f"| noise ceiling (the people's agreement) | {fmt(refresh['noise_ceiling'])} | |", "",
+        f"| noise ceiling: the people's agreement where both preferred an answer | {fmt(refresh['noise_ceiling'])} "
+        f"| |", "",
     ]
 
 
