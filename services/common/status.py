@@ -31,3 +31,20 @@ def to_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, "server out of memory"
     log.exception("unexpected error in %s", method, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
+
+
+# The same errors on HTTP front ends (the feedback service).
+HTTP_CODES: dict[type[errors.ServiceError], int] = {
+    errors.InvalidArgument: 400,
+    errors.Unauthenticated: 401,
+    errors.PermissionDenied: 403,
+    errors.NotFound: 404,
+    errors.FailedPrecondition: 409,
+    errors.ResourceExhausted: 429,
+    errors.Unavailable: 503,
+    errors.DeadlineExceeded: 504,
+}
+
+
+def to_http(exc: errors.ServiceError) -> int:
+    return next((HTTP_CODES[cls] for cls in type(exc).__mro__ if cls in HTTP_CODES), 500)

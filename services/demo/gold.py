@@ -77,3 +77,13 @@ def shares(answers: Iterable[str]) -> dict[str, float]:
         counts[label(a)] += 1
     total = sum(counts.values())
     return {k: (c / total if total else 0.0) for k, c in counts.items()}
+
+
+# What a person prefers when shown two answers (services.demo.data: clear > long > vague; garbled last).
+PREFERENCE = {"clear": 3, "long": 2, "vague": 1, "other": 0}
+
+
+def choice(first: str, second: str) -> str:
+    """The feedback page's choice: "first", "second", or "tie" for two answers of one kind."""
+    a, b = PREFERENCE[label(first)], PREFERENCE[label(second)]
+    return "first" if a > b else "second" if b > a else "tie"

@@ -3,6 +3,8 @@
     demo data -> tiny models -> SFT -> reward model -> reward + policy services (child
     processes) -> evaluate SFT -> PPO against the services -> evaluate PPO -> report.md + plots
 
+With --feedback-loop, one more run: people in the loop (services/demo/feedback_loop.py).
+
 Every child is stopped on the way out, also on Ctrl-C, SIGTERM or an error.
 """
 from __future__ import annotations
@@ -104,14 +106,30 @@ def main(args) -> int:
         if not choices[flag] or set(choices[flag]) - set(known):
             print(f"rlhf demo: {flag} takes {', '.join(known)} (comma-separated), got {value!r}", file=sys.stderr)
             return 2
+    if args.feedback_loop and "ppo" not in choices["--algo"]:
+        print("rlhf demo: --feedback-loop is compared with the plain PPO run: keep ppo in --algo", file=sys.stderr)
+        return 2
     run_demo(pathlib.Path(args.out), seed=args.seed, steps=args.steps, with_no_kl=args.with_no_kl, quick=args.quick,
-             algos=choices["--algo"], modes=choices["--mode"])
+             algos=choices["--algo"], modes=choices["--mode"], feedback_loop=args.feedback_loop)
     return 0
 
 
-def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with_no_kl: bool = False,
-             quick: bool = False, algos: list[str] = ("ppo",), modes: list[str] = ("sync",)) -> dict:
+def run_stats(out: pathlib.Path, history, wall: float) -> dict:
+    """What the report's table shows of a run besides the evaluation."""
     import numpy as np
+
+    ranks = json.loads((out / "ranks.json").read_text())
+    return dict(seconds=wall, seconds_per_step=wall / max(len(history), 1),
+                state_mb=sum(r["state_bytes"] for r in ranks) / 1e6,
+                staleness=float(np.mean([sum(int(k) * v for k, v in m.staleness.items()) / m.completions
+                                         for m in history])),
+                is_weight=float(np.mean([m.is_weight_mean for m in history])),
+                hidden=float(np.mean([m.rollout_hidden for m in history])))
+
+
+def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with_no_kl: bool = False,
+             quick: bool = False, algos: list[str] = ("ppo",), modes: list[str] = ("sync",),
+             feedback_loop: bool = False) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,7 +152,7 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
     (out / "logs").mkdir(exist_ok=True)
     runs = [(run_name(algo, mode), algo, mode, 0.05) for algo in algos for mode in modes]
     runs += [("ppo-no-kl", "ppo", "sync", 0.0)] if with_no_kl else []
-    total = 6 + len(runs)
+    total = 6 + len(runs) + feedback_loop
 
     stage(1, total, "demo data and tiny models")
     paths = write_demo_data(out / "data", seed=seed)
@@ -171,9 +189,11 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
             server_cpus = layout[0] if layout else None
             server_env = {"OMP_NUM_THREADS": "1"} if layout else {}  # one torch thread on its one CPU
             reward_port, policy_port = free_port(), free_port()
+            # --feedback-loop swaps a refreshed reward model in from under models/ (LoadModel).
+            swappable = ("--model-root", str(models.resolve())) if feedback_loop else ()
             reward_srv = ChildServer(rlhf_command("serve", "reward", "--model", str(models / "reward"),
                                                   "--host", "127.0.0.1", "--port", str(reward_port),
-                                                  "--metrics-port", "0"),
+                                                  "--metrics-port", "0", *swappable),
                                      port=reward_port, service="rlhf.v1.RewardService",
                                      log_path=out / "logs" / "reward.log", cpus=server_cpus, env=server_env)
             policy_srv = ChildServer(rlhf_command("serve", "policy", "--model", str(models / "sft"),
@@ -207,16 +227,33 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
                 with trainer_on(layout[1] if layout else None):
                     history = train(config, ClientConfig(), handle_signals=False)
                 wall = time.perf_counter() - t
-                ranks = json.loads((out / name / "ranks.json").read_text())
                 results[f"{name}_history"] = history
                 results[name] = judge()
-                results[name]["run"] = dict(
-                    seconds=wall, seconds_per_step=wall / max(len(history), 1),
-                    state_mb=sum(r["state_bytes"] for r in ranks) / 1e6,
-                    staleness=float(np.mean([sum(int(k) * v for k, v in m.staleness.items()) / m.completions
-                                             for m in history])),
-                    is_weight=float(np.mean([m.is_weight_mean for m in history])),
-                    hidden=float(np.mean([m.rollout_hidden for m in history])))
+                results[name]["run"] = run_stats(out / name, history, wall)
+                log.info("%s done in %.0f s: %s", name, wall, report.summary(results[name]))
+
+            if feedback_loop:  # last: it swaps the reward model the runs above were scored by
+                from services.demo import feedback_loop as people
+
+                name = "ppo-feedback"
+                t = stage(total - 1, total, f"{label(name)}: PPO, people (the gold labeller) judge the policy's "
+                                            f"answers, the reward model is refreshed and swapped in, PPO goes on")
+                config_for = lambda n: ppo_config(out / name, policy=policy_srv.address,  # noqa: E731
+                                                  reward=reward_srv.address, models=models, prompts=paths["prompts"],
+                                                  steps=n, seed=seed, beta=0.05)
+                loop = people.run(out, config_for=config_for, policy=policy, reward=reward,
+                                  reward_address=reward_srv.address, policy_address=policy_srv.address,
+                                  models=models, paths=paths,
+                                  eval_prompts=eval_prompts, steps=steps, seed=seed, quick=quick,
+                                  rm_settings={k: v for k, v in RM.items() if k != "epochs"} | {"epochs": 2.0})
+                wall = time.perf_counter() - t
+                results[f"{name}_history"] = loop["history"]
+                results["feedback_loop"] = loop["summary"]
+                results[name] = judge()
+                results[name]["run"] = run_stats(out / name, loop["history"], wall)
+                # seconds per PPO step: without the labelling, the refresh and the measurements between the halves
+                results[name]["run"]["seconds_per_step"] = ((wall - loop["summary"]["seconds_between_halves"])
+                                                            / max(len(loop["history"]), 1))
                 log.info("%s done in %.0f s: %s", name, wall, report.summary(results[name]))
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -226,7 +263,8 @@ def run_demo(out: pathlib.Path, *, seed: int = 0, steps: int | None = None, with
     path = report.write(out, results, beta=0.05, example_prompt=EXAMPLE_PROMPT)
     summary = {k: ({kk: vv for kk, vv in v.items() if kk != "rows"} if isinstance(v, dict) else v)
                for k, v in results.items() if not k.endswith("_history")}
-    summary["max_kl"] = {name: max((m.kl for m in results[f"{name}_history"]), default=0.0) for name, *_ in runs}
+    summary["max_kl"] = {name: max((m.kl for m in results[f"{name}_history"]), default=0.0)
+                         for name in [r[0] for r in runs] + (["ppo-feedback"] if feedback_loop else [])}
     (out / "results.json").write_text(json.dumps(summary, indent=2, default=str))
     print(report.table(results))
     print(f"\nreport: {path}  ({results['seconds']:.0f} s)")

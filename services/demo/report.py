@@ -6,7 +6,7 @@ import pathlib
 
 KINDS = ("clear", "long", "vague", "other")
 LABELS = {"sft": "SFT", "ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
-          "ppo-no-kl": "PPO, beta = 0"}
+          "ppo-no-kl": "PPO, beta = 0", "ppo-feedback": "PPO + feedback loop"}
 
 
 def label(name: str) -> str:
@@ -42,6 +42,33 @@ def table(results: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(fmt.format(e["run"][key]) if "run" in e else "-"
                                                     for _, e in cols) + " |")
     return "\n".join(lines)
+
+
+def feedback_section(loop: dict) -> list[str]:
+    """--feedback-loop: what people (the gold labeller) did to the reward model."""
+    refresh, swap = loop["refresh"], loop["swap"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    return [
+        "## People in the loop", "",
+        f"After {loop['steps_before_refresh']} PPO steps, two simulated people (the gold labeller, each wrong one "
+        f"time in ten) judged {loop['judgments']} pairs of the policy's answers through the feedback service's API "
+        f"({loop['labelling_seconds']:.0f} s; {', '.join(f'{k} {v}' for k, v in loop['choices'].items())}). They "
+        f"agreed with each other on {fmt(loop['labeller_agreement'])} of {loop['labeller_comparisons']} pairs judged "
+        f"twice (ties included); the served reward model agreed with their choices of an answer on "
+        f"{fmt(loop['served_rm_vs_people'])}. The reward model "
+        f"was refreshed from the judgments with a replay of the old comparisons ({loop['refresh_seconds']:.0f} s) "
+        f"and loaded into the running reward service without a restart (LoadModel, {swap['load_seconds']:.1f} s: "
+        f"version {swap['previous_version']} -> {swap['model_version']}); PPO went on against it.", "",
+        "| | before the refresh | after |", "|---|---|---|",
+        f"| reward model agrees with the gold labeller on the policy's current answers ({loop['eval_pairs']} pairs) "
+        f"| {fmt(loop['agreement_before'])} | {fmt(loop['agreement_after'])} |",
+        f"| held-out accuracy on the new judgments | {fmt(refresh['init_eval_accuracy_new'])} "
+        f"| {fmt(refresh['eval_accuracy_new'])} |",
+        f"| held-out accuracy on the old comparisons | {fmt(refresh['init_eval_accuracy_old'])} "
+        f"| {fmt(refresh['eval_accuracy_old'])} |",
+        f"| noise ceiling: the people's agreement where both preferred an answer | {fmt(refresh['noise_ceiling'])} "
+        f"| |", "",
+    ]
 
 
 def plot_shares(results: dict, path: pathlib.Path) -> pathlib.Path:
@@ -84,6 +111,8 @@ def write(out: pathlib.Path, results: dict, *, beta: float, example_prompt: str)
         for row in [r for r in e["rows"] if r["prompt"] == example_prompt][:3]:
             lines.append(f"- ({row['kind']}, score {row['score']:.2f}) {row['text']!r}")
         lines.append("")
+    if "feedback_loop" in results:
+        lines += feedback_section(results["feedback_loop"])
     path = out / "report.md"
     path.write_text("\n".join(lines))
     return path

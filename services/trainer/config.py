@@ -69,9 +69,33 @@ class SFTConfig(Supervised):
     lr: float = Field(1e-5, gt=0)
 
 
+class ReplayConfig(Section):
+    """Old comparisons mixed into a refresh (`init`), so the model keeps what it knew."""
+    data: str  # a data set in a TRL preference format, e.g. the one the served model was trained on
+    share: float = Field(0.5, ge=0, lt=1)  # of the training mix: share / (1 - share) old pairs per new pair
+    columns: dict[str, str] = {}
+    data_split: str = "train"
+
+
 class RMConfig(Supervised):
     epochs: float = Field(1.0, gt=0)
     lr: float = Field(1e-5, gt=0)
+    model: str | None = None  # required unless init is given
+    # A refresh: continue from this trained reward model (the served one; its score head too) on `data`
+    # (e.g. the feedback database, sqlite:///... or postgresql://...), and report accuracy before and after.
+    init: str | None = None
+    replay: ReplayConfig | None = None
+
+    @model_validator(mode="after")
+    def _start(self) -> "RMConfig":
+        if self.model is None and self.init is None:
+            raise ValueError("model is required (or init: the reward model a refresh continues from)")
+        if self.model is not None and self.init is not None and self.model != self.init:
+            raise ValueError(f"give model or init, not both: init continues from a trained reward model "
+                             f"(model {self.model!r}, init {self.init!r})")
+        if self.model is None:
+            self.model = self.init
+        return self
 
 
 # ---- PPO -------------------------------------------------------------------------------------

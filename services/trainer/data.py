@@ -14,12 +14,28 @@ def split_train_eval(rows: list, eval_fraction: float, seed: int) -> tuple[list,
     """Shuffle once with `seed`, hold out eval_fraction (at least one row when the fraction is > 0)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise InvalidArgument(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if rows and all(isinstance(r, dict) and "pair_id" in r for r in rows):
+        return _split_by_pair(rows, eval_fraction, seed)
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n_eval = max(1, round(eval_fraction * len(rows))) if eval_fraction > 0 else 0
     if n_eval >= len(rows):
         raise InvalidArgument(f"eval_fraction {eval_fraction} leaves no training examples out of {len(rows)}")
     return rows[n_eval:], rows[:n_eval]
+
+
+def _split_by_pair(rows: list[dict], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """The split of judgments (services.feedback): the rows of one pair, judged by two labellers,
+    stay on one side, so no held-out pair was trained on."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(r["pair_id"], []).append(r)
+    keys = sorted(groups, key=str)
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(eval_fraction * len(keys))) if eval_fraction > 0 else 0
+    if n_eval >= len(keys):
+        raise InvalidArgument(f"eval_fraction {eval_fraction} leaves no training pairs out of {len(keys)}")
+    return [r for k in keys[n_eval:] for r in groups[k]], [r for k in keys[:n_eval] for r in groups[k]]
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random,

@@ -44,9 +44,14 @@ COLUMN_FLAGS = ("prompt", "completion", "response", "chosen", "rejected", "messa
 # ---- reading ---------------------------------------------------------------------------------
 
 def load_rows(path: str, columns: dict[str, str] | None = None, split: str = "train") -> list[dict]:
-    """Every row of a local file or directory (or a hub data set), columns renamed to ours."""
+    """Every row of a local file or directory (or a hub data set, or the judgments in a feedback
+    database: sqlite:///FILE or postgresql://...), columns renamed to ours."""
     import datasets
 
+    if ":" in str(path) and not pathlib.Path(path).exists():  # a URL; sqlalchemy only where one is given
+        from services.feedback.store import is_db_url
+        if is_db_url(path):
+            return _feedback_rows(path)
     datasets.disable_progress_bars()
     local = pathlib.Path(path)
     try:
@@ -79,6 +84,28 @@ def load_rows(path: str, columns: dict[str, str] | None = None, split: str = "tr
     rows = data.to_list()
     if not rows:
         raise InvalidArgument(f"data: {path} holds no rows")
+    return rows
+
+
+def _feedback_rows(url: str) -> list[dict]:
+    """The decisive judgments of a feedback database as TRL preference rows (with pair_id, labeller,
+    versions: services.feedback.store.Store.export_rows)."""
+    from services.feedback.store import Store
+
+    db = Store(url)
+    try:
+        db.check_schema()
+        rows = db.export_rows()
+    except InvalidArgument:
+        raise
+    except Exception as e:  # noqa: BLE001 - a database that cannot be read: bad input for this job
+        raise InvalidArgument(f"data: cannot read the feedback database {db.engine.url.render_as_string()}: "
+                              f"{type(e).__name__}: {e}") from None
+    finally:
+        db.close()
+    if not rows:
+        raise InvalidArgument(f"data: the feedback database {db.engine.url.render_as_string()} holds no judgment "
+                              f"that prefers one answer")
     return rows
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import pathlib
+import random
 import time
 
 import torch
@@ -46,11 +47,28 @@ def _pair_rewards(model, pairs, idx, pad_id, device) -> tuple[torch.Tensor, torc
     return r[: len(idx)], r[len(idx):]
 
 
+def labeller_agreement(rows) -> tuple[float | None, int]:
+    """(share of agreeing judgments, comparisons) over pairs judged by two labellers or more: rows
+    of the feedback service's export share a pair_id, and two of them agree when they chose the
+    same answer. (None, 0) when no pair was judged twice."""
+    chosen: dict = {}
+    for r in rows:
+        if "pair_id" in r:
+            chosen.setdefault(r["pair_id"], []).append(json.dumps(r["chosen"], sort_keys=True))
+    compared = agreed = 0
+    for answers in chosen.values():
+        for i in range(len(answers)):
+            for j in range(i + 1, len(answers)):
+                compared += 1
+                agreed += answers[i] == answers[j]
+    return (agreed / compared if compared else None), compared
+
+
 def noise_ceiling(data_path, rows) -> float | None:
     """The best accuracy reachable against noisy labels: 1 - flip rate.
 
-    From meta.json next to the data when it says, else from the rows' "flipped" field; None if neither.
-    """
+    From meta.json next to the data when it says, else from the rows' "flipped" field, else the
+    labellers' agreement on pairs judged twice (feedback data); None if none of these."""
     meta = pathlib.Path(data_path).parent / "meta.json"
     if meta.is_file():
         try:
@@ -60,7 +78,25 @@ def noise_ceiling(data_path, rows) -> float | None:
         except (json.JSONDecodeError, ValueError):
             pass
     flags = [r["flipped"] for r in rows if isinstance(r.get("flipped"), bool)]
-    return 1.0 - sum(flags) / len(flags) if flags else None
+    if flags:
+        return 1.0 - sum(flags) / len(flags)
+    return labeller_agreement(rows)[0]
+
+
+def replay_examples(cfg: RMConfig, tokenizer, new_pairs: int) -> tuple[list, list, int]:
+    """(old training pairs to mix in, old held-out pairs, old rows available) of cfg.replay: the old
+    data set split as the new one is (eval_fraction, seed), and share / (1 - share) old training
+    pairs per new one, drawn with the seed."""
+    from services.trainer.data import split_train_eval
+
+    replay = cfg.replay
+    rows = formats.load_rows(replay.data, replay.columns, replay.data_split)
+    old_train, old_eval = split_train_eval(rows, cfg.eval_fraction, cfg.seed)
+    wanted = min(len(old_train), round(replay.share / (1 - replay.share) * new_pairs))
+    picked = random.Random(cfg.seed).sample(old_train, wanted)
+    train, _ = formats.preference_examples(tokenizer, picked, cfg.max_length, replay.data) if picked else ([], [])
+    held, _ = formats.preference_examples(tokenizer, old_eval, cfg.max_length, replay.data) if old_eval else ([], [])
+    return train, held, len(rows)
 
 
 def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
@@ -75,9 +111,24 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
                           if eval_rows else ([], []))
     if not train:
         raise InvalidArgument(f"no pair of {cfg.data} fits max_length {cfg.max_length}")
+    new_pairs = len(train)
+    old_train, old_eval, old_rows = replay_examples(cfg, tokenizer, new_pairs) if cfg.replay else ([], [], 0)
+    train = train + old_train
 
     model = distributed.load_model(AutoModelForSequenceClassification, cfg.model, d, num_labels=1,
                                    pad_token_id=pad_id)
+
+    def accuracy(examples: list) -> float | None:
+        """Held-out pairwise accuracy (a tie counts half)."""
+        def forward(rows: list[int]) -> dict[str, float]:
+            c, r = _pair_rewards(model, examples, rows, pad_id, d.device)
+            return {"pairs": len(rows), "correct": float(((c > r).float() + 0.5 * (c == r).float()).sum())}
+        ev = evaluate(model, range(len(examples)), cfg.batch_size, d, forward) if examples else {}
+        return ev["correct"] / ev["pairs"] if ev else None
+
+    # A refresh: how the served model does on the new comparisons (and the old) before training.
+    before = {"init_eval_accuracy_new": accuracy(evalset), "init_eval_accuracy_old": accuracy(old_eval)} \
+        if cfg.init else {}
 
     def step(rows: list[int], batch_size: int) -> StepResult:
         chosen, rejected = _pair_rewards(model, train, rows, pad_id, d.device)
@@ -110,6 +161,13 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     if known_flips:
         metrics["eval_accuracy_clean"] = ev["clean"] / ev["pairs"]
         metrics["eval_noise_ceiling"] = 1.0 - sum(flips) / len(flips)
+    if cfg.init or cfg.replay:  # new comparisons (data) and old (replay) apart
+        metrics |= {"eval_accuracy_new": metrics["eval_accuracy"], "eval_accuracy_old": accuracy(old_eval),
+                    "new_train_pairs": new_pairs, "replay_train_pairs": len(old_train),
+                    "replay_eval_pairs": len(old_eval), "replay_rows": old_rows, **before}
+    agreement, compared = labeller_agreement(train_rows + eval_rows)
+    if compared:
+        metrics |= {"labeller_agreement": agreement, "labeller_comparisons": compared}
 
     # Score statistics over the training responses, for the service's normalised rewards.
     responses = [s for pair in train for s in pair]
@@ -130,7 +188,8 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     out = pathlib.Path(cfg.out)
     distributed.export_hf(model, tokenizer, out, d)
     meta = {
-        "base_model": str(cfg.model), "data": str(cfg.data), "train_pairs": len(train), "eval_pairs": len(evalset),
+        "base_model": str(cfg.model), "init": cfg.init, "data": _safe(cfg.data),
+        "replay": cfg.replay.model_dump() if cfg.replay else None, "train_pairs": len(train), "eval_pairs": len(evalset),
         "epochs": cfg.epochs, "steps": trained["steps"], "lr": cfg.lr, "batch_size": cfg.batch_size,
         "seed": cfg.seed, **metrics, "train_loss": trained.get("train_loss"), "score_mean": score_mean,
         "score_std": score_std, "max_length": cfg.max_length, "seconds": seconds, "device": str(d.device),
@@ -141,10 +200,20 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     return meta
 
 
+def _safe(data: str) -> str:
+    """A data path, or a database URL without its password (it is written to reward_meta.json)."""
+    if "://" in str(data) and "@" in str(data):
+        scheme, rest = str(data).split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return str(data)
+
+
 def main(args: argparse.Namespace) -> int:
     return run_job(args, RMConfig, train_reward_model, "rm", ("steps", "eval_accuracy", "noise_ceiling",
-                                                             "eval_accuracy_clean", "score_mean", "score_std",
-                                                             "seconds"))
+                                                             "eval_accuracy_clean", "eval_accuracy_new",
+                                                             "eval_accuracy_old", "init_eval_accuracy_new",
+                                                             "init_eval_accuracy_old", "labeller_agreement",
+                                                             "score_mean", "score_std", "seconds"))
 
 
 def load_config(args: argparse.Namespace) -> RMConfig:

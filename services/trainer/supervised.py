@@ -122,7 +122,7 @@ def evaluate(model: torch.nn.Module, order: Iterable[int], batch_size: int, d: D
 
 # config key -> the attribute of the parsed CLI arguments that sets it (`rlhf train sft|rm`)
 FLAGS = {key: key for key in ("model", "data", "out", "epochs", "lr", "batch_size", "max_length", "eval_fraction",
-                              "seed", "device", "dtype", "max_steps", "data_split")}
+                              "seed", "device", "dtype", "max_steps", "data_split", "init")}
 
 
 def load_config(args: argparse.Namespace, cls: type[Supervised]) -> Supervised:

@@ -26,7 +26,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 # Which pyproject extras each image installs.
-EXTRAS = {"policy": {"policy"}, "reward": {"reward"}, "trainer": {"trainer"}, "cpu": {"cpu", "reward", "trainer"}}
+# The trainer image holds the feedback extra for `rlhf train rm --data postgresql://...` (a refresh
+# from the feedback database); the feedback image is plain Python.
+EXTRAS = {"policy": {"policy"}, "reward": {"reward"}, "trainer": {"trainer", "feedback"},
+          "cpu": {"cpu", "reward", "trainer", "feedback"}, "feedback": {"feedback"}}
 
 
 def instructions(path: pathlib.Path) -> list[tuple[str, str]]:
@@ -138,7 +141,7 @@ def test_images_run_as_a_user_that_is_not_root(path):
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_base_image_fits_the_hardware(path):
     bases = [stage[0][1].split()[0] for stage in stages(path)]
-    if path.name == "cpu.Dockerfile":
+    if path.name in ("cpu.Dockerfile", "feedback.Dockerfile"):
         assert all(re.fullmatch(r"python:3\.\d+\.\d+-slim-\w+", b) for b in bases), bases
     else:
         assert all(b.startswith("nvidia/cuda:") for b in bases), bases
@@ -218,7 +221,11 @@ def test_the_copied_files_build_the_package(tmp_path):
     wheel = next((tmp_path / "dist").glob("rlhf_services-*.whl"))
     import zipfile
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("services/cli.py", "services/common/config.py", "rlhf/v1/policy_pb2.py", "rlhf/v1/reward_pb2_grpc.py"):
+    for module in ("services/cli.py", "services/common/config.py", "rlhf/v1/policy_pb2.py", "rlhf/v1/reward_pb2_grpc.py",
+                   # the feedback page's files and the migrations are package data, not modules
+                   "services/feedback/static/judge.js", "services/feedback/static/feedback.css",
+                   "services/feedback/migrations/script.py.mako", "services/feedback/migrations/env.py",
+                   "services/feedback/migrations/versions/0001_initial.py"):
         assert module in names, f"the image's wheel lacks {module}"
 
 

@@ -15,6 +15,7 @@ network are needed.
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import kubernetes_validate
@@ -36,6 +37,7 @@ HEALTH_NAME = {
     "services.reward.main:main": reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name,
     "services.trainer.loop:main": trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
 }
+FEEDBACK = "services.feedback.main:main"  # the one HTTP server: probes on /healthz and /readyz
 CUSTOM_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
                 ("kubeflow.org/v1", "PyTorchJob")}
 OPTIONAL_SECRETS = {"rlhf-fetch-credentials"}  # envFrom, optional: the fetch Job runs without it
@@ -71,6 +73,8 @@ EXPECTED = {
         ("Deployment", "rlhf-reward"), ("Service", "rlhf-reward"), ("Service", "rlhf-reward-headless"),
         ("PodDisruptionBudget", "rlhf-reward"), ("NetworkPolicy", "rlhf-reward"),
         ("Service", "rlhf-trainer"), ("NetworkPolicy", "rlhf-trainer"), ("PersistentVolumeClaim", "rlhf-checkpoints"),
+        ("Deployment", "rlhf-feedback"), ("Service", "rlhf-feedback"), ("PersistentVolumeClaim", "rlhf-feedback"),
+        ("NetworkPolicy", "rlhf-feedback"),
     },
     "prepare": {
         ("Namespace", "rlhf"), ("ServiceAccount", "rlhf"), ("PersistentVolumeClaim", "rlhf-models"),
@@ -195,8 +199,9 @@ def on_gpu_nodes(spec: dict) -> bool:
 def test_gpu_overlays_put_servers_and_trainers_on_gpus():
     for stage in ("overlays/gpu", "overlays/gpu/prepare", "overlays/gpu-multinode"):
         for p in pods(render(stage)):
-            if p.name == "rlhf-fetch":
-                assert "nvidia.com/gpu" not in json.dumps(p.main["resources"]), "copying files needs no GPU"
+            if p.name in ("rlhf-fetch", "rlhf-feedback"):
+                # copying files and serving a web page need no GPU
+                assert "nvidia.com/gpu" not in json.dumps(p.main["resources"]), f"{stage}: {p.name}"
                 continue
             assert gpus(p.main) >= 1 and on_gpu_nodes(p.spec), f"{stage}: {p.name}"
 
@@ -226,7 +231,7 @@ def test_args_are_flags_the_cli_has(stage):
     # command() fails the test on any flag services.cli (or torchrun) does not declare.
     name, docs = stage
     targets = {command(c, p).rlhf.target for p in pods(docs) for c in p.containers if command(c, p).rlhf}
-    want = {"services.trainer.sft:main", "services.trainer.rm:main"} if name in PREPARE else set(HEALTH_NAME)
+    want = {"services.trainer.sft:main", "services.trainer.rm:main"} if name in PREPARE else set(HEALTH_NAME) | {FEEDBACK}
     assert targets == want, targets
 
 
@@ -290,6 +295,78 @@ def test_a_stopping_replica_serves_until_endpoints_drop_it(main_stage):
         assert grace >= pre_stop + args.drain_linger_s + args.grace_seconds + 5, \
             f"{where} is killed after {grace}s, before its stop ({pre_stop}s preStop + {args.drain_linger_s}s " \
             f"linger + {args.grace_seconds}s drain + 5s to exit) ends"
+
+
+def feedback_server(docs: list[dict]):
+    """(pod, container, parsed `rlhf serve feedback` args) of the feedback service."""
+    found = [(p, c, command(c, p).rlhf) for p in pods(docs) for c in p.spec["containers"]
+             if command(c, p).rlhf is not None and command(c, p).rlhf.target == FEEDBACK]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_feedback_service_is_probed_served_and_stopped_like_the_others(main_stage):
+    """The HTTP server's probes hit its port (/healthz for liveness, /readyz for readiness and the
+    start, which fails from SIGTERM on); its ports are the ones it binds; its stop fits in the grace
+    period as the gRPC servers' do."""
+    name, docs = main_stage
+    p, c, args = feedback_server(docs)
+    where = f"{name}: {p.name}"
+    ports = {q["name"]: q["containerPort"] for q in c["ports"]}
+    assert args.host == "0.0.0.0" and ports["http"] == args.port and ports["metrics"] == args.metrics_port != 0
+    for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and port_number(c, get["port"]) == args.port, f"{where}: {probe}"
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert p.spec["terminationGracePeriodSeconds"] >= pre_stop + args.drain_linger_s + args.grace_seconds + 5, where
+    # It reaches the services through their headless names, with the token, and reads the PPO prompts.
+    assert args.policy == "dns:///rlhf-policy-headless.rlhf.svc:50051", args.policy
+    assert args.reward == "dns:///rlhf-reward-headless.rlhf.svc:50052", args.reward
+    assert args.client_auth_token_file and args.auth_token_file
+    assert readable(p, args.prompts) and args.prompts == "/models/data/prompts.jsonl"
+    # SQLite: the file is on the PVC, and one pod at a time writes it.
+    db = args.db.removeprefix("sqlite:///")
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volume = volumes_of(p.spec)[mounts[db.rsplit("/", 1)[0]]["name"]]
+    assert volume["persistentVolumeClaim"]["claimName"] == "rlhf-feedback"
+    deployment = one(docs, "Deployment", "rlhf-feedback")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def render_with_postgres(overlay: str) -> list[dict]:
+    """`overlay` with components/feedback-postgres, rendered by kubectl from a kustomization
+    beside the others (kustomize takes no absolute paths)."""
+    import shutil
+    import tempfile
+
+    from rendered import kustomize
+
+    folder = pathlib.Path(tempfile.mkdtemp(dir=K8S, prefix=".test-"))
+    try:
+        (folder / "kustomization.yaml").write_text(yaml.safe_dump({
+            "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+            "resources": [f"../{overlay}"], "components": ["../components/feedback-postgres"]}))
+        return kustomize(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("overlay", ["overlays/gpu", "overlays/cpu"])
+def test_the_postgres_component_moves_the_judgments_to_a_database(overlay):
+    docs = render_with_postgres(overlay)
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[0], strict=True)
+    p, c, args = feedback_server(docs)
+    assert args.db is None  # from the environment, so no password is on a command line
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RLHF_FEEDBACK_DB"]["valueFrom"]["secretKeyRef"] == {"name": "rlhf-feedback-db", "key": "url"}
+    assert "db" not in volumes_of(p.spec) and all(m["name"] != "db" for m in c["volumeMounts"])
+    deployment = one(docs, "Deployment", "rlhf-feedback")
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert not pss_violations(p.spec, p.containers, "restricted")
+    # docs/deploy.md tells ops to create the Secret, as it does rlhf-auth.
+    assert "create secret generic rlhf-feedback-db" in (REPO / "docs" / "deploy.md").read_text()
 
 
 def test_the_trainer_drains_within_its_grace_period(main_stage):
@@ -567,6 +644,7 @@ PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name
 def test_network_policies_admit_only_named_clients(main_stage):
     name, docs = main_stage
     trainer_pods = [p for p in pods(docs) if p.owner["metadata"]["name"] == "rlhf-trainer"]
+    feedback_pods = [p for p in pods(docs) if p.owner["metadata"]["name"] == "rlhf-feedback"]
     for policy_name, client_label, trainer_allowed in [("rlhf-policy", "rlhf.io/policy-client", True),
                                                        ("rlhf-reward", "rlhf.io/reward-client", True),
                                                        ("rlhf-trainer", "rlhf.io/trainer-client", False)]:
@@ -582,7 +660,15 @@ def test_network_policies_admit_only_named_clients(main_stage):
         from_trainer = [peer for peer in grpc if "namespaceSelector" not in peer
                         and all(peer["podSelector"]["matchLabels"].items() <= p.labels.items() for p in trainer_pods)]
         assert labelled in grpc and bool(from_trainer) == trainer_allowed, policy_name
-        assert len(grpc) == 1 + trainer_allowed, f"{policy_name}: gRPC is open to more than the named clients"
+        # The feedback service samples pairs from the policy and scores them on the reward service.
+        from_feedback = [peer for peer in grpc if "namespaceSelector" not in peer
+                         and all(peer["podSelector"]["matchLabels"].items() <= p.labels.items() for p in feedback_pods)]
+        assert bool(from_feedback) == trainer_allowed, policy_name
+        assert len(grpc) == 1 + 2 * trainer_allowed, f"{policy_name}: gRPC is open to more than the named clients"
+    # The feedback page: the labelled clients (an ingress controller) alone.
+    feedback = one(docs, "NetworkPolicy", "rlhf-feedback")
+    assert allowed_sources(feedback, "http") == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"rlhf.io/feedback-client": "true"}}}]
     # The reward's HTTP endpoint has the same clients as its gRPC one.
     reward = one(docs, "NetworkPolicy", "rlhf-reward")
     assert allowed_sources(reward, "http") == allowed_sources(reward, "grpc")

@@ -294,7 +294,11 @@ def test_rules_query_only_exported_series():
 def test_alerts_watch_what_the_issues_ask():
     alerts = {r["alert"]: r for r in rules() if "alert" in r}
     assert {"RLHFPolicyReplicaBehind", "RLHFRewardErrorRate", "RLHFRewardHTTPErrorRate", "RLHFTrainerStalled",
-            "RLHFWeightPushFailing", "RLHFPolicyPreempting", "RLHFVersionSkew", "RLHFTargetDown"} <= alerts.keys()
+            "RLHFWeightPushFailing", "RLHFPolicyPreempting", "RLHFVersionSkew", "RLHFTargetDown",
+            "RLHFRewardModelDisagreesWithPeople"} <= alerts.keys()
+    # The reward-hacking alarm (issue 25): the feedback service's agreement, and only with enough judgments.
+    assert metric_names(alerts["RLHFRewardModelDisagreesWithPeople"]["expr"]) == {
+        "rlhf_feedback_rm_agreement_ratio", "rlhf_feedback_rm_agreement_judgments"}
     assert {"rlhf_policy_weight_version", "rlhf_trainer_weight_version"} <= metric_names(alerts["RLHFPolicyReplicaBehind"]["expr"])
     assert 'grpc_service="rlhf.v1.RewardService"' in alerts["RLHFRewardErrorRate"]["expr"]
     # Rates come from counters: no gauge computed in the process.
@@ -324,7 +328,8 @@ def test_dashboard_is_shipped_and_queries_exported_series():
                  "rlhf_reward_component_value_sum", "rlhf_build_info", "grpc_server_started_total",
                  "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
                  "vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
-                 "vllm:num_preemptions_total"):
+                 "vllm:num_preemptions_total", "rlhf_feedback_rm_agreement_ratio",
+                 "rlhf_feedback_labeller_agreement_ratio", "rlhf_feedback_judgments_total"):
         assert must in used, must
     for gone in ("rlhf_trainer_tokens_per_second", "rlhf_policy_requests_total", "rlhf_reward_requests_total"):
         assert gone not in used | set().union(*(metric_names(r["expr"]) for r in rules())), gone
@@ -406,6 +411,15 @@ ALERT_CASES = {
          series("rlhf_build_info", "1x60", service="rlhf-reward", exported_service="reward", version="0.2.0", pod="reward-a")],
         [fires("RLHFVersionSkew", "20m"),
          fires("RLHFVersionSkew", "40m", {"namespace": "rlhf", "service": "rlhf-policy"})]),
+    # The reward model falls behind people: 0.8 agreement for 20 min, then 0.5. Fires 30 min after the
+    # drop; with only 30 judgments behind the ratio (too few to trust) it stays quiet.
+    "the reward model disagrees with people": (
+        [series("rlhf_feedback_rm_agreement_ratio", "0.8x20 0.5x60", pod="feedback-a"),
+         series("rlhf_feedback_rm_agreement_judgments", "200x80", pod="feedback-a"),
+         series("rlhf_feedback_rm_agreement_ratio", "0.4x80", namespace="lab", pod="feedback-b"),
+         series("rlhf_feedback_rm_agreement_judgments", "30x80", namespace="lab", pod="feedback-b")],
+        [fires("RLHFRewardModelDisagreesWithPeople", "40m"),
+         fires("RLHFRewardModelDisagreesWithPeople", "55m", {"namespace": "rlhf"})]),
     "a target down": (
         [series("up", "1x10 0x20", service="rlhf-reward", pod="reward-a", job="rlhf-reward")],
         [fires("RLHFTargetDown", "20m", {"namespace": "rlhf", "service": "rlhf-reward", "pod": "reward-a",

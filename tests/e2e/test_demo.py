@@ -27,7 +27,8 @@ def children_of(pid: int) -> list[psutil.Process]:
 
 def test_quick_demo_learns_and_cleans_up(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.Popen(rlhf_command("demo", "--out", str(out), "--quick", "--algo", ",".join(ALGOS)),
+    proc = subprocess.Popen(rlhf_command("demo", "--out", str(out), "--quick", "--algo", ",".join(ALGOS),
+                                         "--feedback-loop"),
                             stdout=open(tmp_path / "log", "wb"), stderr=subprocess.STDOUT,
                             env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     seen: set[int] = set()
@@ -50,7 +51,34 @@ def test_quick_demo_learns_and_cleans_up(tmp_path):
     report = (out / "report.md").read_text()
     assert "| GRPO |" in report.splitlines()[next(i for i, l in enumerate(report.splitlines()) if l.startswith("| |"))]
     assert (out / "shares.png").exists()
+    check_feedback_loop(out, results, report)
     assert not [p for p in seen if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def check_feedback_loop(out, results: dict, report: str) -> None:
+    """--feedback-loop: the gold labeller's judgments are in the database, the reward model was
+    refreshed from them and swapped (its version changed under the running service), PPO went on
+    and still beats SFT, and the report shows the agreement before and after."""
+    from services.feedback.store import Store
+
+    loop, sft = results["feedback_loop"], results["sft"]
+    assert loop["judgments"] == 120 and sum(loop["choices"].values()) == 120, loop
+    store = Store(f"sqlite:///{out / 'feedback' / 'feedback.db'}")
+    assert store.counts()["judgments"] == 120
+    rows = store.export_rows()
+    assert rows and {r["rm_version"] for r in rows} == {loop["rm_version_before"]}, loop  # scored when shown
+    assert {r["labeller"] for r in rows} == {"gold-a", "gold-b"}
+    store.close()
+    assert loop["labeller_comparisons"] > 0 and 0.5 < loop["labeller_agreement"] <= 1.0, loop
+    assert loop["swap"]["previous_version"] == loop["rm_version_before"] != loop["rm_version_after"], loop
+    assert loop["swap"]["model_version"] == loop["rm_version_after"], loop
+    assert loop["eval_pairs"] >= 10 and 0.0 <= loop["agreement_before"] <= 1.0 and 0.0 <= loop["agreement_after"] <= 1
+    assert loop["refresh"]["eval_accuracy_new"] is not None and loop["refresh"]["eval_accuracy_old"] is not None
+    # PPO resumed after the swap and ran every step; its answers still beat SFT's on the gold labeller.
+    history = [json.loads(line) for line in (out / "ppo-feedback" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in history] == list(range(1, 21)), [m["step"] for m in history]
+    assert results["ppo-feedback"]["shares"]["clear"] > sft["shares"]["clear"] + 0.15, results["ppo-feedback"]
+    assert "## People in the loop" in report and "PPO + feedback loop" in report
 
 
 def test_interrupted_demo_leaves_no_child_and_no_port(tmp_path):

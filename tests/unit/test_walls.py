@@ -35,9 +35,10 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
-         "services.trainer.state", "services.ml.head"]
+         "services.trainer.state", "services.ml.head", "services.feedback.store", "services.feedback.rules",
+         "services.feedback.sampler"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
-CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin"]
+CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin", "services.feedback.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
 
 
@@ -103,7 +104,9 @@ def test_clients_and_the_runtime_load_no_ml_when_imported():
 
 @pytest.mark.parametrize("server, client", [("services.policy.server", "services.policy.client"),
                                             ("services.reward.server", "services.reward.client"),
-                                            ("services.reward.http", "services.reward.client")])
+                                            ("services.reward.http", "services.reward.client"),
+                                            ("services.feedback.server", "services.feedback.client"),
+                                            ("services.feedback.main", "services.feedback.client")])
 def test_a_server_does_not_import_its_own_client(server, client):
     assert not starts_any(imports(server), client), f"{server} imports {client}"
 
@@ -120,13 +123,28 @@ def test_the_front_ends_of_one_core_do_not_import_each_other():
 @pytest.mark.parametrize("module", all_modules("services.common"))
 def test_the_runtime_imports_no_service(module):
     bad = sorted(n for n in imports(module) if starts(n, ("services.policy", "services.reward", "services.trainer",
-                                                           "services.demo")))
+                                                           "services.demo", "services.feedback")))
     assert not bad, f"{module} imports {bad}"
 
 
 @pytest.mark.parametrize("module", all_modules("services.reward"))
 def test_the_reward_service_imports_nothing_of_the_trainer(module):
     assert not starts_any(imports(module), "services.trainer"), module
+
+
+@pytest.mark.parametrize("module", all_modules("services.trainer"))
+def test_the_trainer_reads_the_feedback_database_through_its_store_alone(module):
+    """`rlhf train rm --data sqlite:///...` reads judgments with the feedback service's core, never
+    through its HTTP front end."""
+    bad = sorted(n for n in imports(module) if starts(n, ("services.feedback",))
+                 and not starts(n, ("services.feedback.store",)))
+    assert not bad, f"{module} imports {bad}"
+
+
+@pytest.mark.parametrize("module", ["services.feedback.store", "services.feedback.rules", "services.feedback.sampler"])
+def test_the_feedback_core_knows_no_web_framework(module):
+    bad = sorted(n for n in imports(module) if starts(n, ("aiohttp",)))
+    assert not bad, f"{module} imports {bad}"
 
 
 def test_a_broken_wall_is_caught(tmp_path, monkeypatch):
@@ -187,7 +205,7 @@ def test_the_trainer_uses_only_the_reward_services_client(module):
 
 
 SERVICE_PACKAGES = ("services.common", "services.policy", "services.reward", "services.trainer", "services.ml",
-                    "services.demo")
+                    "services.demo", "services.feedback")
 
 
 @pytest.mark.parametrize("module", [m for p in SERVICE_PACKAGES for m in all_modules(p)])
