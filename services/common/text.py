@@ -51,7 +51,8 @@ def check_messages(messages: Sequence[ChatMessage], field: str, max_text_bytes: 
     total = 0
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise InvalidArgument(f"{field}[{i}].role must be one of {', '.join(ROLES)}, got {m.role[:40]!r}")
+            got = "it is empty" if not m.role else f"got {m.role[:40]!r}"
+            raise InvalidArgument(f"{field}[{i}].role must be one of {', '.join(ROLES)}; {got}")
         total += utf8_size(m.role, f"{field}[{i}].role", max_text_bytes)
         total += utf8_size(m.content, f"{field}[{i}].content", max_text_bytes)
         if total > max_text_bytes:

@@ -203,13 +203,12 @@ def check_fleet(config: Config, world_size: int, policies: dict, reward, longest
     the limit and the replica) instead of as a refused call mid-run.
 
     `policies` maps each replica's address to its GetModelInfo answer, `reward` is the reward
-    service's (both read by attribute: max_n, max_prompts, max_model_len; max_pairs, max_length).
+    service's (both read by attribute: max_n, max_prompts, max_model_len; max_length).
     `longest_prompt` is (tokens, index in the prompt data set) of the longest rendered prompt.
-    A rank sends all its prompts of a step in one Generate when one replica is left, and all
-    their completions in one Score."""
+    A rank sends all its prompts of a step in one Generate when one replica is left; its Score
+    calls are cut to the reward service's max_pairs (Scorer.score), so that limit needs no check."""
     rollout = config.rollout
     prompts_per_call = -(-rollout.batch_size // world_size)
-    pairs_per_call = prompts_per_call * rollout.n
     problems = []
     for address, info in sorted(policies.items()):
         where = f"policy replica {address}"
@@ -223,9 +222,6 @@ def check_fleet(config: Config, world_size: int, policies: dict, reward, longest
         if tokens + rollout.max_tokens > info.max_model_len:
             problems.append(f"prompt {index} of {config.prompts} is {tokens} tokens, and with rollout.max_tokens "
                             f"{rollout.max_tokens} that is more than {where}'s max_model_len {info.max_model_len}")
-    if pairs_per_call > reward.max_pairs:
-        problems.append(f"rollout.batch_size / ranks x rollout.n is {pairs_per_call} pairs per Score call, above "
-                        f"the reward service's limit of {reward.max_pairs} (its --max-pairs)")
     if reward.max_length and rollout.max_tokens + 1 > reward.max_length:
         problems.append(f"rollout.max_tokens {rollout.max_tokens} (+ EOS) is more than the reward model's max length "
                         f"{reward.max_length}: a completion that long cannot be scored")

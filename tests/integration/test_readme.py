@@ -41,7 +41,9 @@ def test_the_grpcurl_body_is_a_score_request():
 
 
 def readme_commands(text: str) -> list[str]:
-    """Every `rlhf ...` command line of the text's code blocks (indented or fenced)."""
+    """Every `rlhf ...` command line of the text's code blocks (indented or fenced), its
+    backslash-continued lines joined."""
+    text = re.sub(r"\\\n\s*", " ", text)
     return [line.strip().removeprefix("$ ") for line in text.splitlines()
             if line.startswith(("    ", "\t", "$ ", "rlhf ")) and line.strip().removeprefix("$ ").startswith("rlhf ")]
 
@@ -51,7 +53,7 @@ def unknown_flags(line: str, parser) -> list[str]:
     not declare; the subcommand path is the words before the first flag."""
     import argparse
 
-    words = shlex.split(line.replace("[", " ").replace("]", " "))[1:]
+    words = shlex.split(line.replace("[", " ").replace("]", " "), comments=True)[1:]
     command = parser
     while True:
         subparsers = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
@@ -71,7 +73,7 @@ def test_the_listed_commands_and_their_flags_exist():
     for line in lines:
         assert not unknown_flags(line, parser), (line, unknown_flags(line, parser))
         # Optional parts [..] left out, the first of alternatives a|b taken.
-        words = [w.split("|")[0] for w in shlex.split(re.sub(r"\[[^\]]*\]", "", line))[1:]]
+        words = [w.split("|")[0] for w in shlex.split(re.sub(r"\[[^\]]*\]", "", line), comments=True)[1:]]
         args = parser.parse_known_args(words)[0]  # placeholders like DIR are values, not flags
         assert args.command == words[0], line
 

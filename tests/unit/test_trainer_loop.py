@@ -165,7 +165,7 @@ def test_the_fleet_check_names_each_limit_and_the_replica():
     assert "32 prompts per Generate call, above policy replica b:2's limit of 16 (its --max-prompts)" in text
     assert "prompt 7 of p is 40 tokens, and with rollout.max_tokens 64 that is more than policy replica b:2's " \
            "max_model_len 100" in text
-    assert "3200000 pairs per Score call, above the reward service's limit of 256 (its --max-pairs)" in text
+    assert "pairs per Score call" not in text  # the trainer cuts its Score calls to the service's --max-pairs
     with pytest.raises(ConfigError, match="rollout.max_tokens 600 \\(\\+ EOS\\) is more than the reward model's max "
                                           "length 512"):
         check_fleet(_fleet_config(n=2, max_tokens=600), 1, {}, reward, (40, 0))
