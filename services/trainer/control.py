@@ -51,6 +51,7 @@ class Status:
     last: StepMetrics | None
     paused: bool
     message: str
+    canary: object = None  # the last canary verdict (services.trainer.canary.Verdict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Control:
         self.weight_version = 0
         self.replicas: list[ReplicaStatus] = []
         self.message = ""
+        self.canary = None
         self.history: list[StepMetrics] = []
         self._resume = threading.Event()
         self._resume.set()
@@ -81,6 +83,10 @@ class Control:
     def set_replicas(self, replicas: list[ReplicaStatus]) -> None:
         with self._lock:
             self.replicas = list(replicas)
+
+    def set_canary(self, verdict) -> None:
+        with self._lock:
+            self.canary = verdict
 
     def record(self, metrics: StepMetrics) -> None:
         """One finished step: keep it and hand it to every WatchMetrics stream."""
@@ -151,7 +157,7 @@ class Control:
         with self._lock:
             return Status(self.phase, self.history[-1].step if self.history else 0, self.total_steps,
                           self.weight_version, list(self.replicas), self.history[-1] if self.history else None,
-                          self.paused, self.message)
+                          self.paused, self.message, self.canary)
 
 
 @contextlib.contextmanager

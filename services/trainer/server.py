@@ -24,7 +24,8 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         clip_fraction=m.clip_fraction, approx_kl=m.approx_kl, policy_loss=m.policy_loss, value_loss=m.value_loss,
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
         extra={**{key: float(getattr(m, key)) for key in EXTRA},
-               **{f"reward_{name}": value for name, value in m.reward_components.items()}},
+               **{f"reward_{name}": value for name, value in m.reward_components.items()},
+               **{f"push_{name}": value for name, value in m.push.items()}},
         time=timestamp_pb2.Timestamp(seconds=int(m.time), nanos=int(m.time % 1 * 1e9)))
 
 
@@ -33,11 +34,19 @@ def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
                                      in_sync=r.in_sync, available=r.available)
 
 
+def canary_verdict(v) -> trainer_pb2.CanaryVerdict:
+    return trainer_pb2.CanaryVerdict(
+        version=v.version, replica=v.replica, passed=v.passed, kl=v.kl, score_before=v.score_before,
+        score_after=v.score_after, message=v.message,
+        time=timestamp_pb2.Timestamp(seconds=int(v.time), nanos=int(v.time % 1 * 1e9)))
+
+
 def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
     return trainer_pb2.TrainerStatus(
         phase=PHASES[s.phase], step=s.step, total_steps=s.total_steps, weight_version=s.weight_version,
         replicas=[replica_status(r) for r in s.replicas], replicas_in_sync=sum(r.in_sync for r in s.replicas),
-        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message)
+        last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message,
+        canary=canary_verdict(s.canary) if s.canary else None)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

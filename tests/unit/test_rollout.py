@@ -37,7 +37,7 @@ class Client:
         self.version, self.code, self.calls = version, code, []
 
     def model_info(self, timeout=None):
-        return types.SimpleNamespace(instance_id="instance", weight_version=self.version)
+        return types.SimpleNamespace(instance_id="instance", weight_version=self.version, dtype="float32")
 
     def generate(self, prompts, **kwargs):
         self.calls.append(time.monotonic())
@@ -59,7 +59,7 @@ def replicas_of(clients: dict[str, Client], backoff: Backoff) -> PolicyReplicas:
 
 
 def sync_of(replicas: PolicyReplicas):
-    return lambda waits: replicas.sync(lambda: iter(()), [], waits)
+    return lambda waits: replicas.sync(waits)
 
 
 def test_a_replica_failing_every_generate_is_retried_with_backoff_until_the_deadline():
