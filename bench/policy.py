@@ -25,7 +25,8 @@ side in this process, world of one, services.trainer.image):
   delta lr    after one AdamW step at lr 1e-6 and at 3e-5 (fresh optimizer, one LM batch):
               changed share; wire bytes of the delta push  vs  the changed elements' bytes
               (target <= 1.3); seconds end to end (encode + stream + stage + apply)  vs  a full
-              push of the same weights; apply seconds  vs  the full push's
+              push of the same weights; apply seconds  vs  the full push's; the efficiency: the
+              image's bytes over the delta's seconds  vs  raw loopback TCP
   partial     apply seconds of a push changing 5% of the tensors (every 20th, by one ulp)  vs
               a full apply (target <= 0.3); and of a push changing 5% of the elements spread
               over every tensor (no target: every layer is touched, so reloaded)
@@ -377,6 +378,7 @@ def bench_deltas(root: str, reps: int = 3) -> list[dict]:
         model, image = _trainer(model_dir, "bfloat16", version)
         sent = _push_full(clients, target, image, version)
         _ok(sent)
+        image_bytes = image.elements * 2
         for lr in (1e-6, 3e-5):
             _adamw_step(model, lr)
             version += 1
@@ -393,6 +395,7 @@ def bench_deltas(root: str, reps: int = 3) -> list[dict]:
             full_seconds = _time.perf_counter() - t0
             _ok(full)
             f = full.outcomes[server.address]
+            tcp = loopback_bandwidth(max(image_bytes, 256 << 20))
             log.info("[86M bf16] lr %g: %.2f%% changed, delta %.1f MB (%.2f s, apply %.3f s), full %.1f MB "
                      "(%.2f s, apply %.3f s)", lr, 100 * delta.changed / delta.elements, sent.sent_bytes / 1e6,
                      delta_seconds, o.apply_seconds, full.sent_bytes / 1e6, full_seconds, f.apply_seconds)
@@ -408,6 +411,9 @@ def bench_deltas(root: str, reps: int = 3) -> list[dict]:
                      ratio=delta_seconds / full_seconds, target=None),
                 dict(model=tag, metric="delta apply s", value=o.apply_seconds, baseline=f.apply_seconds,
                      baseline_name="the full push's apply", ratio=o.apply_seconds / f.apply_seconds, target=None),
+                dict(model=tag, metric="delta: image MB/s (image / end to end s)",
+                     value=image_bytes / delta_seconds / 1e6, baseline=tcp / 1e6,
+                     baseline_name="raw loopback TCP", ratio=image_bytes / delta_seconds / tcp, target=None),
             ]
         # Apply only what changed: 5% of the tensors, against a full apply (medians of `reps`).
         names = list(image.shapes)

@@ -465,6 +465,10 @@ class PolicyEngine:
         try:
             async with self._apply_lock:
                 self._check_newer(staged.version)
+                base = staged.header.delta_base
+                if base is not None and base != self.version:  # another push committed since the header
+                    raise FailedPrecondition(f"header.delta.version is {base} but this replica serves version "
+                                             f"{self.version} now: send a full push")
                 image = await asyncio.to_thread(self._stage, staged)
                 STAGE_SECONDS.observe(image.stage_seconds)
                 if staged.header.stage_only:
