@@ -394,11 +394,13 @@ def bench_deltas(root: str, reps: int = 3) -> list[dict]:
             full = _push_full(clients, target, image, version)
             full_seconds = _time.perf_counter() - t0
             _ok(full)
+            image.version = version  # the same image, under the version the replica now serves
             f = full.outcomes[server.address]
             tcp = loopback_bandwidth(max(image_bytes, 256 << 20))
-            log.info("[86M bf16] lr %g: %.2f%% changed, delta %.1f MB (%.2f s, apply %.3f s), full %.1f MB "
-                     "(%.2f s, apply %.3f s)", lr, 100 * delta.changed / delta.elements, sent.sent_bytes / 1e6,
-                     delta_seconds, o.apply_seconds, full.sent_bytes / 1e6, full_seconds, f.apply_seconds)
+            log.info("[86M bf16] lr %g: %.2f%% changed, delta %.1f MB (%.2f s: encode %.2f s, stage %.2f s, apply "
+                     "%.3f s), full %.1f MB (%.2f s, apply %.3f s)", lr, 100 * delta.changed / delta.elements,
+                     sent.sent_bytes / 1e6, delta_seconds, delta.encode_seconds, o.stage_seconds, o.apply_seconds,
+                     full.sent_bytes / 1e6, full_seconds, f.apply_seconds)
             tag = f"86M bf16, lr {lr:g}"
             rows += [
                 dict(model=tag, metric="changed share", value=delta.changed / delta.elements, baseline=1.0,
@@ -424,6 +426,7 @@ def bench_deltas(root: str, reps: int = 3) -> list[dict]:
                 version += 1
                 if kind == "full":
                     sent = _push_full(clients, target, image, version)
+                    image.version = version
                 else:
                     _nudge(image, few if kind == "few" else names, 1.0 if kind == "few" else 0.05, seed=i)
                     sent = _push_delta(clients, target, image, image.advance(version))
@@ -470,6 +473,7 @@ def bench_fleet(root: str, counts=(1, 2, 4)) -> list[dict]:
         clients = {s.address: PolicyClient(s.address, timeout=600) for s in servers}
         version = max(c.model_info().weight_version for c in clients.values()) + 1
         _, image = _trainer(model_dir, "bfloat16", version)
+        _ok(_push_full(clients, list(clients), image, version))  # warm up every replica and both paths
         for r in counts:
             targets = [s.address for s in servers[:r]]
             version += 1

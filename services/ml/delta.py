@@ -32,23 +32,24 @@ MAX_VARINT_LEN = 9  # bytes of a varint below 2**63 (gaps, counts and steps alwa
 def varint_lengths(values: torch.Tensor) -> torch.Tensor:
     """Bytes of the LEB128 varint of each value (int64, >= 0)."""
     lengths = torch.ones_like(values)
-    for j in range(1, MAX_VARINT_LEN):
-        lengths += (values >= (1 << (7 * j))).long()
+    longest = len(varint(int(values.max()))) if values.numel() else 1
+    for j in range(1, longest):  # RL steps and gaps take one or two bytes: one or two passes
+        lengths += values >= (1 << (7 * j))
     return lengths
 
 
 def varint_encode(values: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The LEB128 varints of `values` (int64, >= 0) one after the other, as uint8."""
+    """The LEB128 varints of `values` (int64, >= 0) one after the other, as uint8: every value's
+    bytes laid out in a [n, longest] table, the ones past each value's length masked out."""
     lengths = varint_lengths(values) if lengths is None else lengths
     if values.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=values.device)
-    starts = torch.cumsum(lengths, 0) - lengths
-    out = torch.empty(int(lengths.sum()), dtype=torch.uint8, device=values.device)
-    for j in range(int(lengths.max())):
-        has = lengths > j
-        byte = (values[has] >> (7 * j)) & 0x7F | (lengths[has] > j + 1).long() << 7
-        out[starts[has] + j] = byte.to(torch.uint8)
-    return out
+    longest = int(lengths.max())
+    if longest == 1:  # every value below 128, as most steps are: the bytes are the values
+        return values.to(torch.uint8)
+    j = torch.arange(longest, device=values.device)
+    table = (values.unsqueeze(1) >> (7 * j)) & 0x7F | (j < lengths.unsqueeze(1) - 1).long() << 7
+    return table[j < lengths.unsqueeze(1)].to(torch.uint8)
 
 
 def varint_decode(buf: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
@@ -56,20 +57,23 @@ def varint_decode(buf: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     ValueError when `buf` holds fewer, or one longer than MAX_VARINT_LEN bytes."""
     if count == 0:
         return torch.zeros(0, dtype=torch.long, device=buf.device), 0
-    ends = buf < 0x80
-    end_at = ends.nonzero().squeeze(1)
+    head = buf[:count]
+    if head.numel() == count and bool((head < 0x80).all()):  # one byte each, as most steps are
+        return head.long(), count
+    end_at = (buf < 0x80).nonzero().squeeze(1)
     if end_at.numel() < count:
         raise ValueError(f"{count} varints expected, {end_at.numel()} found")
-    used = int(end_at[count - 1]) + 1
-    ends = ends[:used].long()
-    which = torch.cumsum(ends, 0) - ends  # the value each byte belongs to
-    starts = torch.cat([end_at.new_zeros(1), end_at[:count - 1] + 1])
-    position = torch.arange(used, device=buf.device) - starts[which]
-    if int(position.max()) >= MAX_VARINT_LEN:
+    end_at = end_at[:count]
+    starts = torch.cat([end_at.new_zeros(1), end_at[:-1] + 1])
+    lengths = end_at - starts + 1
+    longest = int(lengths.max())
+    if longest > MAX_VARINT_LEN:
         raise ValueError(f"a varint longer than {MAX_VARINT_LEN} bytes")
     values = torch.zeros(count, dtype=torch.long, device=buf.device)
-    values.index_add_(0, which, (buf[:used].long() & 0x7F) << (7 * position))
-    return values, used
+    for j in range(longest):  # byte j of every value at once
+        byte = buf[torch.minimum(starts + j, end_at)].long() & 0x7F
+        values |= torch.where(j < lengths, byte << (7 * j), 0)
+    return values, int(end_at[-1]) + 1
 
 
 # ---- bits and steps -------------------------------------------------------------------------
@@ -168,8 +172,8 @@ def apply_entry(base: torch.Tensor, entry, segments: int) -> tuple[torch.Tensor,
     int_dtype, width = BITS[base.dtype]
     new = base.clone()
     bits = new.reshape(-1).view(int_dtype)
-    buf = torch.frombuffer(bytearray(entry), dtype=torch.uint8) if len(entry) else torch.zeros(0, dtype=torch.uint8)
     data = bytes(entry)
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
     pos, changed = 0, 0
     for i, (a, b) in enumerate(segment_elements(tuple(base.shape), segments)):
         where = f"segment {i}"

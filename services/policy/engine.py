@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ INSTANCE = uuid.uuid4()  # made once per process: a new one means the replica re
 INSTANCE_ID = str(INSTANCE)
 WORKER_EXTENSION = "services.policy.worker.WeightLoader"
 DEAD_POLL_S = 0.5  # vLLM notices its core process's death within ~1 s; we look this often
+STAGE_THREADS = min(8, os.cpu_count() or 1)  # tensors of a push decoded and hashed at once
 
 # What GetModelInfo.engine_config reports: vLLM argument name -> (VllmConfig section, attribute).
 ENGINE_CONFIG = {
@@ -410,40 +412,48 @@ class PolicyEngine:
         t0 = time.perf_counter()
         h = staged.header
         specs = {t.name: t for t in h.tensors}
-        sources: dict[str, TensorSource] = {}
-        digests: dict[str, list[bytes]] = {}
-        changed, end = 0, staged.nbytes
         size = wire.ELEMENT_SIZE[self.dtype]
+        # Where each rebuilt tensor goes: after the payload, in header order.
+        ends = itertools.accumulate((specs[s.name].nbytes for s in staged.sources if s.kind == "delta"),
+                                    initial=staged.nbytes)
+        places = {s.name: end for s, end in zip((s for s in staged.sources if s.kind == "delta"), ends)}
+
+        def one(i: int, s: TensorSource, fd: int) -> tuple[TensorSource, int, list[bytes] | None]:
+            """One tensor: its delta applied to the served one and written raw (a thread each: the
+            work is torch, file I/O and hashing, which let go of the GIL)."""
+            spec = specs[s.name]
+            if s.kind == "delta":
+                try:
+                    new, k = apply_entry(self._read(self._sources[s.name]), _pread(fd, spec.encoded_bytes, s.offset),
+                                         h.segments)
+                except ValueError as e:
+                    raise InvalidArgument(f"header.tensors[{i}] ({s.name!r}): its delta entry does not fit the "
+                                          f"tensor: {e}; nothing was applied") from None
+                data = _as_bytes(new)
+                _pwrite(fd, data, places[s.name])  # the tensor as the worker reads it: raw, after the payload
+                s = TensorSource(s.name, "raw", staged.path, places[s.name], s.dtype, s.shape)
+            else:
+                k = spec.nbytes // size
+                data = _pread(fd, spec.nbytes, s.offset) if h.image_digest else None
+            return s, k, (wire.segment_digests(data, s.shape, size, h.segments) if data is not None else None)
+
         try:
-            with open(staged.path, "r+b") as f:
-                for i, s in enumerate(staged.sources):
-                    spec = specs[s.name]
-                    f.seek(s.offset)
-                    if s.kind == "delta":
-                        try:
-                            new, k = apply_entry(self._read(self._sources[s.name]), f.read(spec.encoded_bytes),
-                                                 h.segments)
-                        except ValueError as e:
-                            raise InvalidArgument(f"header.tensors[{i}] ({s.name!r}): its delta entry does not fit "
-                                                  f"the tensor: {e}; nothing was applied") from None
-                        data = _as_bytes(new)
-                        f.seek(end)
-                        f.write(data)  # the tensor as the worker reads it: raw, after the payload
-                        sources[s.name] = TensorSource(s.name, "raw", staged.path, end, s.dtype, s.shape)
-                        end += spec.nbytes
-                    else:
-                        sources[s.name] = s
-                        k = spec.nbytes // size
-                        data = f.read(spec.nbytes) if h.image_digest else None
-                    changed += k
-                    if data is not None:
-                        digests[s.name] = wire.segment_digests(data, s.shape, size, h.segments)
+            fd = os.open(staged.path, os.O_RDWR)
+            try:
+                with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as pool:
+                    done = list(pool.map(one, range(len(staged.sources)), staged.sources,
+                                         [fd] * len(staged.sources)))
+            finally:
+                os.close(fd)
         except OSError as e:
             if e.errno in DISK_FULL:
                 raise ResourceExhausted(f"the staging directory {self.staging.directory} is full "
                                         f"({os.strerror(e.errno)}) while decoding a delta push; nothing was applied "
                                         f"(free room there or point --staging-dir at a larger one)") from e
             raise
+        sources = {s.name: s for s, _, _ in done}
+        digests = {s.name: d for s, _, d in done if d is not None}
+        changed = sum(k for _, k, _ in done)
         image = b""
         if h.image_digest:
             image = self.image_digest(h.segments, digests)
@@ -612,6 +622,24 @@ class PolicyEngine:
                          engine_config=dict(self.engine_config), max_text_bytes=self.cfg.max_text_bytes,
                          staged_version=self._slot.version,
                          rollback_version=self._previous[0] if self._previous else 0)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (one pread returns at most ~2 GiB on Linux: a large tensor takes several)."""
+    parts, done = [], 0
+    while done < size:
+        part = os.pread(fd, size - done, offset + done)
+        if not part:
+            raise OSError(f"the staged push ends {size - done} bytes early")
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def _as_bytes(t) -> memoryview:

@@ -109,7 +109,12 @@ def read_tensor(kind: str, path: str, offset: int, dtype: str, shape, name: str,
             t = torch.empty(tuple(shape), dtype=getattr(torch, dtype))
             f = files[path]
             f.seek(offset)
-            f.readinto(t.reshape(-1).view(torch.uint8).numpy())
+            view, done = memoryview(t.reshape(-1).view(torch.uint8).numpy()), 0
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"tensor {name!r}: {path} ends {len(view) - done} bytes early")
+                done += n
         elif kind == "safetensors":
             from safetensors import safe_open
 

@@ -238,6 +238,29 @@ def test_stage_commit_abort_and_rollback(fleet, tls, trainer):
         c.push(state, v + 4, "bfloat16")
 
 
+def test_a_push_that_does_not_check_is_refused_whole(fleet, tls, trainer):
+    """A full push whose image digest is not the image it makes, and a delta whose entry does
+    not fit its tensor: refused with the field named, nothing served changes."""
+    with client(fleet, "a", tls[1]) as c:
+        v, before = c.model_info().weight_version, greedy(c)
+        image = ServedImage(trainer["model"], trainer["d"], "bfloat16")
+        image.snapshot(v + 1)
+        state = {name: t for name, t in image.full()}
+        with pytest.raises(grpc.RpcError) as e:
+            c.push(state, v + 1, "bfloat16", PushOptions(image_digest=b"\x07" * 16))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "header.image_digest 0707070707070707... is not the digest of the image this push makes" in \
+            e.value.details()
+        name = next(iter(image.shapes))
+        garbage = bytes((2,)) + bytes((3,)) + b"\x01\xff\xff"  # SPARSE: 1 change at an index far past the end
+        with pytest.raises(grpc.RpcError) as e:
+            c.push([TensorRef(name, image.shapes[name], lambda: garbage, len(garbage))], v + 1, "bfloat16",
+                   PushOptions(full=False, delta_base=v))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"header.tensors[0] ({name!r}): its delta entry does not fit the tensor" in e.value.details()
+        assert c.model_info().weight_version == v and greedy(c) == before
+
+
 def test_a_tree_reaches_every_replica(fleet, tls, trainer):
     """Fan-out 2: a passes the push to b and c, b to d; the answer holds all four outcomes."""
     clients = {n: client(fleet, n, tls[1]) for n in "abcd"}

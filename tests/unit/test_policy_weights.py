@@ -488,3 +488,19 @@ def test_recycling_the_spare_twice_keeps_it(staging):
     staging.recycle(path)
     staging.recycle(path)
     assert pathlib.Path(path).exists() and staging.spare == path
+
+
+@pytest.mark.parametrize("plan,words", [
+    (dict(addresses=[f"h{i}:1" for i in range(1025)]), "header.relay.addresses holds at most 1024, got 1025"),
+    (dict(addresses=["a:1", ""]), "header.relay.addresses[1] must be non-empty and at most 256 bytes, got 0 bytes"),
+    (dict(addresses=["x" * 257]), "header.relay.addresses[0] must be non-empty and at most 256 bytes, got 257 bytes"),
+    (dict(addresses=["a:1", "b:1", "a:1"]), "header.relay.addresses must not repeat an address"),
+    (dict(addresses=["a:1"], fanout=65), "header.relay.fanout must be in [1, 64] (0 means 1), got 65"),
+])
+def test_relay_plan_refusals(plan, words):
+    from services.policy.server import _check_relay
+
+    with pytest.raises(InvalidArgument) as e:
+        _check_relay(policy_pb2.RelayPlan(**plan))
+    assert words in str(e.value)
+    _check_relay(policy_pb2.RelayPlan(addresses=["a:1", "b:1"], fanout=64))  # within the limits
