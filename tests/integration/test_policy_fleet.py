@@ -21,7 +21,7 @@ import torch
 from services.common.config import ClientConfig
 from services.demo.launch import ChildServer, free_port, rlhf_command
 from services.policy.client import PolicyClient, PushOptions, TensorRef
-from services.trainer import distributed, push
+from services.trainer import distributed, push, rollout
 from services.trainer.image import ServedImage
 from services.trainer.rollout import Backoff, PolicyReplicas, PushConfig
 
@@ -318,7 +318,7 @@ def test_a_chain_routes_around_its_killed_middle(fleet, tls, trainer):
     replicas.close()
 
 
-def test_push_commit_all_commits_nothing_when_a_replica_fails_to_stage(fleet, tls, trainer):
+def test_push_commit_all_commits_nothing_when_a_replica_fails_to_stage(fleet, tls, trainer, monkeypatch):
     """push_commit all: b refuses to stage (it serves a later version than the trainer's), then d
     is killed while it stages: each time the staged push is aborted everywhere and a keeps
     serving the version before, with the same outputs."""
@@ -335,17 +335,16 @@ def test_push_commit_all_commits_nothing_when_a_replica_fails_to_stage(fleet, tl
         replicas.push_all()
         assert ca.model_info().weight_version == v0 and ca.model_info().staged_version == 0
         assert greedy(ca) == before and not replicas.replicas[b].available
-        # 2. d dies while it stages (b left out: it is ahead)
+        # 2. d dies while it stages (b left out: it is ahead). a and d are not at the last push's
+        # base any more (it was aborted): they get the whole image, slowed down to last seconds.
         replicas.replicas[b].available = False
         train_step(trainer)
         replicas.version += 1
-        real = push.delta_refs
-        push.delta_refs = lambda entries, shapes: slow(real(entries, shapes), 0.3)
-        try:
-            threading.Timer(1.5, fleet["d"].kill).start()
-            replicas.push_all()
-        finally:
-            push.delta_refs = real
+        get = rollout._Feed.get
+        monkeypatch.setattr(rollout._Feed, "get", lambda feed: (time.sleep(0.25), get(feed))[1])
+        threading.Timer(1.5, fleet["d"].kill).start()
+        stats = replicas.push_all()
+        assert stats.kinds == ["full"], stats.kinds
         assert not fleet["d"].alive() and not replicas.replicas[d].available
         info = ca.model_info()
         assert info.weight_version == v0 and info.staged_version == 0 and greedy(ca) == before
