@@ -41,14 +41,16 @@ class _Child:
     address: str
     plan: list[str]  # the addresses it relays to in turn
     queue: asyncio.Queue
+    live_from: int = 0  # payload offset from which chunks come live (those before are replayed)
     task: asyncio.Task | None = None
     channel: grpc.aio.Channel | None = None
     replaced: bool = False  # routed around: its children are ours now
 
 
 class Relay:
-    """One push passed on to this replica's children. put() each message after this replica
-    staged it, end() after the last, then outcomes() for every replica below."""
+    """One push passed on to this replica's children: put_chunk() each chunk after this replica
+    staged it, put_commit(), end() after the last message, then outcomes() for every replica
+    below."""
 
     def __init__(self, header: policy_pb2.WeightsHeader, config: ClientConfig, push_token: str | None,
                  staged_file, idle_timeout_s: float):
@@ -60,15 +62,15 @@ class Relay:
         self.forwarded = 0  # payload bytes put so far: all of them are in the staged file
         self.commit: bytes | None = None
         self.ended = False
-        self.failed: list[policy_pb2.PushOutcome] = []
         for address, plan in relay_children(list(header.relay.addresses), header.relay.fanout):
             self._start(address, plan, replay_to=0)
 
     # ---- the stream -----------------------------------------------------------------------
 
     async def put_chunk(self, raw: bytes, offset: int, size: int) -> None:
-        await self._put(raw)
+        # Counted first: a child routed around while this chunk is being put replays it.
         self.forwarded = offset + size
+        await self._put(raw, offset)
 
     async def put_commit(self, raw: bytes) -> None:
         self.commit = raw
@@ -78,15 +80,19 @@ class Relay:
         self.ended = True
         await self._put(_END)
 
-    async def _put(self, item) -> None:
-        for child in list(self.children):
-            if child.replaced or child.task.done():
+    async def _put(self, item, offset: int | None = None) -> None:
+        i = 0
+        while i < len(self.children):  # a child routed around meanwhile adds children: they count too
+            child = self.children[i]
+            i += 1
+            if child.replaced or child.task.done() or (offset is not None and offset < child.live_from):
                 continue
             try:
                 await asyncio.wait_for(child.queue.put(item), self.idle_timeout_s)
             except TimeoutError:
                 log.warning("relay: %s took nothing for %g s; routing around it", child.address, self.idle_timeout_s)
                 child.task.cancel()
+                continue
             if isinstance(item, bytes):
                 RELAYED_BYTES.inc(len(item))
 
@@ -106,7 +112,7 @@ class Relay:
         header.CopyFrom(self.header)
         del header.relay.addresses[:]
         header.relay.addresses.extend(plan)
-        child = _Child(address, plan, asyncio.Queue(QUEUE_MESSAGES))
+        child = _Child(address, plan, asyncio.Queue(QUEUE_MESSAGES), live_from=replay_to)
         child.channel = create_channel(address, self.config, aio=True)
         call = child.channel.stream_unary(METHOD, request_serializer=None,
                                           response_deserializer=policy_pb2.UpdateWeightsResponse.FromString)
