@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
+from rlhf.v1 import policy_pb2
 from services.policy.client import PushOptions, TensorRef
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,9 @@ def stream(clients: dict, targets: list[str], refs: Callable[[], Iterable[Tensor
             break
         out.sent_bytes += result.sent_bytes
         out.payload_bytes += result.payload_bytes
-        for o in result.response.outcomes or ():
+        # A replica of an older release answers a relayed push as a plain one: its own result.
+        outcomes = result.response.outcomes or [policy_pb2.PushOutcome(code="OK", result=result.response)]
+        for o in outcomes:
             address = o.address or root
             r = o.result
             out.outcomes[address] = Outcome(address, o.code == "OK", o.code, o.message, r.staged, r.version,
