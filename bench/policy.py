@@ -1,7 +1,8 @@
 """PolicyService benchmark: each figure next to its baseline, measured in the same run.
 
     python bench/policy.py              # the tiny model (seconds)
-    python bench/policy.py --large      # also a ~344 MB model (86M params, float32)
+    python bench/policy.py --large      # also a ~344 MB model (86M params, float32), and its deltas
+    python bench/policy.py --fleet      # also trainer egress and time to all for 1, 2 and 4 replicas
     python bench/policy.py --json
 
 Rows:
@@ -18,6 +19,20 @@ Rows:
   peak RSS    extra RSS of the server's process tree during the pushes (kernel high-water marks,
               VmHWM, summed over the processes: an upper bound)  vs  the model's bytes
               (target: at most one extra copy)
+
+Weight path rows (--large: the 86M model served in bf16, as replicas serve; the trainer's
+side in this process, world of one, services.trainer.image):
+  delta lr    after one AdamW step at lr 1e-6 and at 3e-5 (fresh optimizer, one LM batch):
+              changed share; wire bytes of the delta push  vs  the changed elements' bytes
+              (target <= 1.3); seconds end to end (encode + stream + stage + apply)  vs  a full
+              push of the same weights; apply seconds  vs  the full push's; the efficiency: the
+              image's bytes over the delta's seconds  vs  raw loopback TCP
+  partial     apply seconds of a push changing 5% of the tensors (every 20th, by one ulp)  vs
+              a full apply (target <= 0.3); and of a push changing 5% of the elements spread
+              over every tensor (no target: every layer is touched, so reloaded)
+  fleet (--fleet, tiny replicas, bf16): for R = 1, 2, 4, a full push through one relayed stream:
+              trainer egress (bytes it sent)  vs  the payload (target <= 1.1); seconds until every
+              replica answered  vs  R separate streams from the trainer (the way before relays)
 """
 from __future__ import annotations
 
@@ -278,9 +293,224 @@ def run_size(name: str, size: dict, dtype: str, root: str, batch: int, reps: int
     return rows
 
 
+# ---- the weight path ------------------------------------------------------------------------
+
+def _trainer(model_dir: str, dtype: str, version: int):
+    """The trainer's side in this process: the policy in fp32 and its served image."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from services.trainer import distributed
+    from services.trainer.image import ServedImage
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    image = ServedImage(model, distributed.init("cpu", "float32"), dtype)
+    image.snapshot(version)
+    return model, image
+
+
+def _adamw_step(model, lr: float, seed: int = 0) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids = torch.randint(4, model.config.vocab_size, (4, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _push_full(clients, targets, image, version, fanout=1):
+    from services.policy.client import PushOptions, TensorRef
+    from services.trainer import push
+
+    refs = [TensorRef(name, image.shapes[name], lambda t=t: t) for name, t in image.full()]
+    return push.stream(clients, targets, lambda: refs, version, image.dtype_name,
+                       PushOptions(full=True, image_digest=image.digest), fanout, retry=False)
+
+
+def _push_delta(clients, targets, image, delta):
+    from services.policy.client import PushOptions
+    from services.trainer import push
+
+    options = PushOptions(full=False, delta_base=delta.base_version, base_digest=delta.base_digest,
+                          image_digest=delta.image_digest)
+    return push.stream(clients, targets, lambda: push.delta_refs(delta.entries, delta.shapes), delta.version,
+                       image.dtype_name, options, 1, retry=False)
+
+
+def _ok(sent) -> None:
+    bad = {a: (o.code, o.message) for a, o in sent.outcomes.items() if not o.ok}
+    if bad:
+        raise RuntimeError(f"push refused: {bad}")
+
+
+def _nudge(image, names: list[str], share: float, seed: int) -> None:
+    """Move `share` of the elements of each named parameter by one bf16 ulp (in the model, so
+    the next advance() sees them changed)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in image.model.named_parameters():
+            if name in names:
+                mask = torch.rand(p.shape, generator=g) < share
+                p[mask] = (p[mask].to(torch.bfloat16).view(torch.int16) + 1).view(torch.bfloat16).float()
+
+
+def bench_deltas(root: str, reps: int = 3) -> list[dict]:
+    """Full and delta pushes of the 86M model served in bf16, apply of partial pushes."""
+    import time as _time
+
+    from services.demo.launch import ChildServer, free_port, rlhf_command
+    from services.policy.client import PolicyClient
+
+    model_dir = build(root, LARGE, 0)
+    port = free_port()
+    argv = rlhf_command("serve", "policy", *serve_args(model_dir, "bfloat16"), "--host", "127.0.0.1", "--port",
+                        str(port), "--metrics-port", "0")
+    rows = []
+    with ChildServer(argv, port=port, service="rlhf.v1.PolicyService", env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                     log_path=os.path.join(root, "server_deltas.log")) as server, \
+            PolicyClient(server.address, timeout=600) as client:
+        clients, target = {server.address: client}, [server.address]
+        version = client.model_info().weight_version + 1
+        model, image = _trainer(model_dir, "bfloat16", version)
+        sent = _push_full(clients, target, image, version)
+        _ok(sent)
+        image_bytes = image.elements * 2
+        for lr in (1e-6, 3e-5):
+            _adamw_step(model, lr)
+            version += 1
+            t0 = _time.perf_counter()
+            delta = image.advance(version)
+            sent = _push_delta(clients, target, image, delta)
+            delta_seconds = _time.perf_counter() - t0
+            _ok(sent)
+            o = sent.outcomes[server.address]
+            changed_bytes = delta.changed * 2
+            version += 1  # the same weights again, whole: the baseline
+            t0 = _time.perf_counter()
+            full = _push_full(clients, target, image, version)
+            full_seconds = _time.perf_counter() - t0
+            _ok(full)
+            image.version = version  # the same image, under the version the replica now serves
+            f = full.outcomes[server.address]
+            tcp = loopback_bandwidth(max(image_bytes, 256 << 20))
+            log.info("[86M bf16] lr %g: %.2f%% changed, delta %.1f MB (%.2f s: encode %.2f s, stage %.2f s, apply "
+                     "%.3f s), full %.1f MB (%.2f s, apply %.3f s)", lr, 100 * delta.changed / delta.elements,
+                     sent.sent_bytes / 1e6, delta_seconds, delta.encode_seconds, o.stage_seconds, o.apply_seconds,
+                     full.sent_bytes / 1e6, full_seconds, f.apply_seconds)
+            tag = f"86M bf16, lr {lr:g}"
+            rows += [
+                dict(model=tag, metric="changed share", value=delta.changed / delta.elements, baseline=1.0,
+                     baseline_name="a full push", ratio=delta.changed / delta.elements, target=None),
+                dict(model=tag, metric="delta wire MB", value=sent.sent_bytes / 1e6, baseline=changed_bytes / 1e6,
+                     baseline_name="changed elements' bytes", ratio=sent.sent_bytes / max(changed_bytes, 1),
+                     target=1.3),
+                dict(model=tag, metric="delta push s (end to end)", value=delta_seconds, baseline=full_seconds,
+                     baseline_name=f"full push of the same weights ({full.sent_bytes / 1e6:.0f} MB)",
+                     ratio=delta_seconds / full_seconds, target=None),
+                dict(model=tag, metric="delta apply s", value=o.apply_seconds, baseline=f.apply_seconds,
+                     baseline_name="the full push's apply", ratio=o.apply_seconds / f.apply_seconds, target=None),
+                dict(model=tag, metric="delta: image MB/s (image / end to end s)",
+                     value=image_bytes / delta_seconds / 1e6, baseline=tcp / 1e6,
+                     baseline_name="raw loopback TCP", ratio=image_bytes / delta_seconds / tcp, target=None),
+            ]
+        # Apply only what changed: 5% of the tensors, against a full apply (medians of `reps`).
+        names = list(image.shapes)
+        few = names[::20]
+        applies = {"few": [], "spread": [], "full": []}
+        for i in range(reps):
+            for kind in ("few", "spread", "full"):
+                version += 1
+                if kind == "full":
+                    sent = _push_full(clients, target, image, version)
+                    image.version = version
+                else:
+                    _nudge(image, few if kind == "few" else names, 1.0 if kind == "few" else 0.05, seed=i)
+                    sent = _push_delta(clients, target, image, image.advance(version))
+                _ok(sent)
+                applies[kind].append(sent.outcomes[server.address].apply_seconds)
+        med = {k: sorted(v)[len(v) // 2] for k, v in applies.items()}
+        log.info("[86M bf16] apply: %d of %d tensors %.3f s, 5%% of elements everywhere %.3f s, full %.3f s",
+                 len(few), len(names), med["few"], med["spread"], med["full"])
+        rows += [
+            dict(model="86M bf16", metric=f"apply s, 5% of tensors ({len(few)}/{len(names)}) changed",
+                 value=med["few"], baseline=med["full"], baseline_name=f"full apply, median of {reps}",
+                 ratio=med["few"] / med["full"], target=0.3),
+            dict(model="86M bf16", metric="apply s, 5% of elements in every tensor", value=med["spread"],
+                 baseline=med["full"], baseline_name=f"full apply, median of {reps}",
+                 ratio=med["spread"] / med["full"], target=None),
+        ]
+        del model, image
+    return rows
+
+
+def bench_fleet(root: str, counts=(1, 2, 4)) -> list[dict]:
+    """Trainer egress and time to all replicas, one relayed stream vs one stream per replica."""
+    import time as _time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.demo.launch import ChildServer, free_port, rlhf_command
+    from services.policy.client import PolicyClient
+
+    model_dir = build(root, SMALL, 0)
+    servers = []
+    for i in range(max(counts)):
+        port = free_port()
+        argv = rlhf_command("serve", "policy", *serve_args(model_dir, "bfloat16"), "--host", "127.0.0.1", "--port",
+                            str(port), "--metrics-port", "0")
+        servers.append(ChildServer(argv, port=port, service="rlhf.v1.PolicyService",
+                                   env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                   log_path=os.path.join(root, f"server_fleet_{i}.log")))
+    rows = []
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait_ready()
+        clients = {s.address: PolicyClient(s.address, timeout=600) for s in servers}
+        version = max(c.model_info().weight_version for c in clients.values()) + 1
+        _, image = _trainer(model_dir, "bfloat16", version)
+        _ok(_push_full(clients, list(clients), image, version))  # warm up every replica and both paths
+        for r in counts:
+            targets = [s.address for s in servers[:r]]
+            version += 1
+            t0 = _time.perf_counter()
+            sent = _push_full(clients, targets, image, version)
+            relayed = _time.perf_counter() - t0
+            _ok(sent)
+            version += 1  # the way before relays: one stream per replica, in parallel
+            with ThreadPoolExecutor(r) as pool:
+                t0 = _time.perf_counter()
+                separate = list(pool.map(lambda a: _push_full(clients, [a], image, version), targets))
+                apart = _time.perf_counter() - t0
+            for s in separate:
+                _ok(s)
+            egress_apart = sum(s.sent_bytes for s in separate)
+            log.info("[fleet] R=%d: relayed %.2f MB in %.2f s; separate streams %.2f MB in %.2f s", r,
+                     sent.sent_bytes / 1e6, relayed, egress_apart / 1e6, apart)
+            rows += [
+                dict(model=f"tiny x{r}", metric="trainer egress MB per push", value=sent.sent_bytes / 1e6,
+                     baseline=sent.payload_bytes / 1e6, baseline_name="the payload",
+                     ratio=sent.sent_bytes / sent.payload_bytes, target=1.1),
+                dict(model=f"tiny x{r}", metric="s to all replicas (relayed)", value=relayed, baseline=apart,
+                     baseline_name=f"{r} separate streams ({egress_apart / 1e6:.1f} MB out)",
+                     ratio=relayed / apart, target=None),
+            ]
+        for c in clients.values():
+            c.close()
+    finally:
+        for s in servers:
+            s.terminate()
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--large", action="store_true", help="also the ~344 MB model (86M params, float32)")
+    p.add_argument("--large", action="store_true", help="also the ~344 MB model (86M params, float32), and its deltas")
+    p.add_argument("--fleet", action="store_true", help="also egress and time to all for 1, 2 and 4 tiny replicas")
     p.add_argument("--only-large", action="store_true", help="only the ~344 MB model")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--reps", type=int, default=10,
@@ -301,14 +531,19 @@ def main() -> int:
             rows += run_size("tiny", SMALL, "float32", root, args.batch, args.reps)
         if args.large or args.only_large:
             rows += run_size("86M", LARGE, "float32", root, args.batch, args.reps)
+            rows += bench_deltas(root)
+        if args.fleet:
+            rows += bench_fleet(root)
     if args.json:
         print(json.dumps(rows, indent=2), file=out)
         out.flush()
         return 0
-    print(f"{'model':6} {'metric':44} {'ours':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  baseline is", file=out)
+    width = max(6, *(len(r["model"]) for r in rows))
+    print(f"{'model':{width}} {'metric':44} {'ours':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  baseline is",
+          file=out)
     for r in rows:
         target = "" if r["target"] is None else (f">= {r['target']}" if "MB/s" in r["metric"] else f"<= {r['target']}")
-        print(f"{r['model']:6} {r['metric']:44} {r['value']:10.2f} {r['baseline']:10.2f} {r['ratio']:7.2f} "
+        print(f"{r['model']:{width}} {r['metric']:44} {r['value']:10.3f} {r['baseline']:10.3f} {r['ratio']:7.3f} "
               f"{target:>7}  {r['baseline_name']}", file=out)
     out.flush()
     return 0

@@ -232,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where weight pushes are written as they arrive and kept while current; needs room for "
                         "two full pushes, may be shared by servers (default: the temp dir; /dev/shm is faster but "
                         "holds them in RAM)")
+    p.add_argument("--stage-timeout-s", type=float, default=300.0,
+                   help="drop a push staged for CommitWeights after this long (default 300)")
+    p.add_argument("--push-token-file", default=None,
+                   help="file holding the push token that UpdateWeights, CommitWeights, AbortWeights and "
+                        "RollbackWeights need on top of the bearer token (metadata rlhf-push-token); held by the "
+                        "trainer and the replicas only (default: $RLHF_PUSH_TOKEN; neither = the bearer token is enough)")
+    p.add_argument("--relay-auth-token-file", default=None,
+                   help="bearer token this replica sends when it passes a push on (default: its own --auth-token-file "
+                        "or $RLHF_AUTH_TOKEN)")
+    p.add_argument("--relay-tls-ca", default=None, help="PEM CA of the other replicas' certificates, for relaying "
+                   "(default: --tls-ca)")
+    p.add_argument("--relay-tls-cert", default=None,
+                   help="PEM client certificate for relaying under mTLS (default: --tls-cert)")
+    p.add_argument("--relay-tls-key", default=None, help="PEM key of --relay-tls-cert (default: --tls-key)")
     add_server_args(p, port=50051, metrics_port=9101)
 
     p = _command(serve, "reward", "services.reward.main:main",

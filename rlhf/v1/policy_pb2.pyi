@@ -125,6 +125,7 @@ class SamplingParams(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     IGNORE_EOS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     n: _builtins.int
     """Completions per prompt. Default 1. Limit: [1, server --max-n] (default 64);
     must be 1 when temperature is 0 (greedy).
@@ -150,6 +151,11 @@ class SamplingParams(_message.Message):
     """Keep generating past the EOS token (for benchmarks). Default false."""
     logprobs: _builtins.bool
     """Return the log-probability of every sampled token. Default false."""
+    prompt_logprobs: _builtins.bool
+    """Return the log-probability of every prompt token given the ones before it
+    (PromptResult.prompt_logprobs): scores a given text under the served
+    weights, e.g. a completion sampled by other weights. Default false.
+    """
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Strings that end a completion (not included in the text). At most 16,
@@ -175,10 +181,11 @@ class SamplingParams(_message.Message):
         seed: _builtins.int | None = ...,
         ignore_eos: _builtins.bool = ...,
         logprobs: _builtins.bool = ...,
+        prompt_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "n", b"n", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_n", b"_n", "_seed", b"_seed", "_temperature", b"_temperature", "_top_k", b"_top_k", "_top_p", b"_top_p", "ignore_eos", b"ignore_eos", "logprobs", b"logprobs", "max_tokens", b"max_tokens", "n", b"n", "prompt_logprobs", b"prompt_logprobs", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -306,6 +313,7 @@ class PromptResult(_message.Message):
 
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     COMPLETIONS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The prompt's token ids as the model saw them."""
@@ -314,15 +322,23 @@ class PromptResult(_message.Message):
     def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Completion]:
         """n completions, ordered by index."""
 
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """With params.prompt_logprobs: the log-probability (natural log) of each
+        prompt token from the second on, given the tokens before it
+        (len(prompt_token_ids) - 1 values); empty otherwise.
+        """
+
     def __init__(
         self,
         *,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         completions: _abc.Iterable[Global___Completion] | None = ...,
+        prompt_logprobs: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "prompt_token_ids", b"prompt_token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "prompt_logprobs", b"prompt_logprobs", "prompt_token_ids", b"prompt_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -451,6 +467,7 @@ class TensorSpec(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     NBYTES_FIELD_NUMBER: _builtins.int
+    ENCODED_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Parameter name as in the model's Hugging Face checkpoint
     (e.g. "model.layers.0.self_attn.q_proj.weight").
@@ -458,6 +475,11 @@ class TensorSpec(_message.Message):
     dtype: Global___DType.ValueType
     nbytes: _builtins.int
     """Byte size: product(shape) * element size."""
+    encoded_bytes: _builtins.int
+    """Delta pushes only (header.delta set): the bytes of this tensor's entry in
+    the payload (see DeltaBase). At least digest_segments, at most
+    nbytes + 11 x digest_segments. 0 otherwise.
+    """
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Shape; must equal the served parameter's shape."""
@@ -469,10 +491,11 @@ class TensorSpec(_message.Message):
         dtype: Global___DType.ValueType = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         nbytes: _builtins.int = ...,
+        encoded_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "nbytes", b"nbytes", "shape", b"shape"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "encoded_bytes", b"encoded_bytes", "name", b"name", "nbytes", b"nbytes", "shape", b"shape"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -488,6 +511,12 @@ class WeightsHeader(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     FULL_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    DIGEST_SEGMENTS_FIELD_NUMBER: _builtins.int
+    STAGE_ONLY_FIELD_NUMBER: _builtins.int
+    KEEP_PREVIOUS_FIELD_NUMBER: _builtins.int
+    RELAY_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """The version these weights become. Must be greater than the served
     version, else FAILED_PRECONDITION, and at most 2^63 - 1 (the largest
@@ -499,10 +528,58 @@ class WeightsHeader(_message.Message):
     """
     digest: Global___Digest.ValueType
     """How WeightsCommit.digest is computed. Default: DIGEST_XXH3_128."""
+    image_digest: _builtins.bytes
+    """The digest of the replica's whole served image after this push. Empty:
+    not checked (a plain push of old clients). Otherwise 16 bytes; a replica
+    whose image does not come out with this digest refuses the push
+    (FAILED_PRECONDITION) and serves what it served before. The image digest
+    is the same on a sender that holds only shards of the image: for each
+    served tensor (GetModelInfo's tensors), in the byte order of their UTF-8
+    names, the name's UTF-8 bytes, a zero byte, then the XXH3-128 digest (16
+    bytes, as xxhash's digest() gives it) of each of its digest_segments
+    segments' bytes in the served dtype (little-endian, C order; an empty
+    segment hashes no bytes) are concatenated; the image digest is the
+    XXH3-128 of that concatenation.
+    """
+    digest_segments: _builtins.int
+    """Segments per tensor of image_digest and of a delta's entries: each tensor
+    is cut along its first dimension into this many blocks of
+    ceil(rows / digest_segments) rows (the last ones shorter or empty), the
+    way torch.chunk and FSDP2 cut it, so that a trainer sharded over that many
+    ranks has each block whole on one rank. Default 1 (0 means 1).
+    Limit: [1, 65536].
+    """
+    stage_only: _builtins.bool
+    """Verify and stage the push, apply it only when CommitWeights names its
+    version (AbortWeights drops it). A replica holds one staged push: a new
+    header drops the one before. Default false (applied at the end of the
+    stream).
+    """
+    keep_previous: _builtins.bool
+    """Keep the image served before this push, so that RollbackWeights can put
+    it back (a canary). The staging directory then holds it too until the
+    next push commits. Default false.
+    """
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Tensors, in the order their bytes follow in the chunks. Names unique.
         Limit: the total nbytes must be at most the server's --max-push-bytes.
+        """
+
+    @_builtins.property
+    def delta(self) -> Global___DeltaBase:
+        """Set: the payload is a delta against the version the replica serves (see
+        DeltaBase); tensors then lists only the tensors that changed, each with
+        its encoded_bytes, and full must be false. A replica serving another
+        version, or whose image digest is not delta.image_digest, refuses the
+        push with FAILED_PRECONDITION (its sender then sends a full push).
+        """
+
+    @_builtins.property
+    def relay(self) -> Global___RelayPlan:
+        """Pass the push on to these replicas as it arrives (see RelayPlan). Set, the
+        response carries every replica's outcome and the RPC answers OK even when
+        this replica refused the push itself. Unset: no relay, errors as status.
         """
 
     def __init__(
@@ -512,14 +589,112 @@ class WeightsHeader(_message.Message):
         tensors: _abc.Iterable[Global___TensorSpec] | None = ...,
         full: _builtins.bool = ...,
         digest: Global___Digest.ValueType = ...,
+        delta: Global___DeltaBase | None = ...,
+        image_digest: _builtins.bytes = ...,
+        digest_segments: _builtins.int = ...,
+        stage_only: _builtins.bool = ...,
+        keep_previous: _builtins.bool = ...,
+        relay: Global___RelayPlan | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "relay", b"relay"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "full", b"full", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "digest", b"digest", "digest_segments", b"digest_segments", "full", b"full", "image_digest", b"image_digest", "keep_previous", b"keep_previous", "relay", b"relay", "stage_only", b"stage_only", "tensors", b"tensors", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WeightsHeader: _TypeAlias = WeightsHeader  # noqa: Y015
+
+@_typing.final
+class DeltaBase(_message.Message):
+    """A delta push: which weights it applies to, and how its payload is written.
+
+    The payload holds, for each tensor of header.tensors in order, an entry of
+    encoded_bytes bytes: one record per segment (header.digest_segments of
+    them, see WeightsHeader.digest_segments), in row order. A record is a kind
+    byte, then for every kind but UNCHANGED a varint payload length L and L
+    bytes. Elements are compared and written as the unsigned integers of their
+    bits (16 bits for bfloat16 and float16, 32 for float32, 64 for float64);
+    a "step" is zigzag(new - old) of those integers, the difference taken
+    modulo 2^bits into the signed range (for a weight that keeps its sign, the
+    step counted in units in the last place). Varints are LEB128 (7 bits per
+    byte, least significant first). Kinds:
+      0 UNCHANGED: no element of the segment changed (no length, no payload).
+      1 RAW: every element of the segment, little-endian, C order.
+      2 SPARSE: varint k, then k varints of gaps (the index of the first changed
+        element in the segment, then each index minus the previous minus one),
+        then k varints of steps, in index order. Not for float64.
+      3 BITMAP: ceil(n / 8) bytes, bit i (least significant first in byte
+        i / 8) set when element i of the segment's n changed, then one varint
+        step per set bit in index order. Not for float64.
+    A sender picks, per segment, the kind with the fewest bytes. The result of
+    applying the entries to the base image is bit-identical to a full push of
+    the same weights, which header.image_digest checks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version the delta applies to; must be the served version."""
+    image_digest: _builtins.bytes
+    """The image digest of the base (see WeightsHeader.image_digest) as the
+    sender has it (16 bytes), computed with header.digest_segments. Empty:
+    only the version is checked.
+    """
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        image_digest: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_digest", b"image_digest", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeltaBase: _TypeAlias = DeltaBase  # noqa: Y015
+
+@_typing.final
+class RelayPlan(_message.Message):
+    """Where a replica passes a push on. The first min(fanout, len(addresses))
+    addresses are the receiver's children; the rest are split among them in
+    contiguous blocks as evenly as can be, in order, the first children taking
+    one more; each child gets the push with its block as its own relay.addresses.
+    fanout 1 is a chain. Each replica verifies and stages its own copy and
+    relays chunks as they arrive; a child that fails or refuses mid-stream is
+    routed around: its parent sends its block straight to that child's
+    children, replaying the bytes so far from its own staged copy.
+    Replica-to-replica pushes carry the relaying replica's own token, push
+    token and client certificate (--relay-* flags).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    FANOUT_FIELD_NUMBER: _builtins.int
+    fanout: _builtins.int
+    """Children per replica. Default 1 (0 means 1). Limit: [1, 64]."""
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port of each replica further down. Limit: at most 1024, each
+        non-empty, at most 256 bytes, no repeats.
+        """
+
+    def __init__(
+        self,
+        *,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        fanout: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "fanout", b"fanout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RelayPlan: _TypeAlias = RelayPlan  # noqa: Y015
 
 @_typing.final
 class WeightsChunk(_message.Message):
@@ -618,8 +793,14 @@ class UpdateWeightsResponse(_message.Message):
     TENSORS_FIELD_NUMBER: _builtins.int
     TRANSFER_SECONDS_FIELD_NUMBER: _builtins.int
     APPLY_SECONDS_FIELD_NUMBER: _builtins.int
+    STAGED_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    IMAGE_DIGEST_FIELD_NUMBER: _builtins.int
+    TENSORS_RELOADED_FIELD_NUMBER: _builtins.int
+    STAGE_SECONDS_FIELD_NUMBER: _builtins.int
+    CHANGED_ELEMENTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """The version now served (header.version)."""
+    """The version now served (header.version), or staged (stage_only)."""
     previous_version: _builtins.int
     """The version served before the push."""
     bytes: _builtins.int
@@ -630,6 +811,33 @@ class UpdateWeightsResponse(_message.Message):
     """Seconds from the header to the end of the transfer."""
     apply_seconds: _builtins.float
     """Seconds to pause generation, load the weights, reset caches and resume."""
+    staged: _builtins.bool
+    """True when the push is staged and waits for CommitWeights (stage_only);
+    nothing was applied yet.
+    """
+    image_digest: _builtins.bytes
+    """The image digest of the image now served (or staged), with the push's
+    digest_segments; empty when the push did not ask for one.
+    """
+    tensors_reloaded: _builtins.int
+    """Tensors the engine reloaded: those the push touched, plus those vLLM
+    needs with them (the other parts of a fused layer).
+    """
+    stage_seconds: _builtins.float
+    """Seconds from the end of the stream to a verified, staged image (decoding a
+    delta, the image digest).
+    """
+    changed_elements: _builtins.int
+    """Elements whose bits the push changed (delta pushes; every element of the
+    tensors of a raw push).
+    """
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___PushOutcome]:
+        """With header.relay: one outcome per replica that the push reached or was
+        meant to reach, this replica's own first (its address empty: the caller
+        knows it), then its subtree's, in no promised order.
+        """
+
     def __init__(
         self,
         *,
@@ -639,14 +847,138 @@ class UpdateWeightsResponse(_message.Message):
         tensors: _builtins.int = ...,
         transfer_seconds: _builtins.float = ...,
         apply_seconds: _builtins.float = ...,
+        staged: _builtins.bool = ...,
+        outcomes: _abc.Iterable[Global___PushOutcome] | None = ...,
+        image_digest: _builtins.bytes = ...,
+        tensors_reloaded: _builtins.int = ...,
+        stage_seconds: _builtins.float = ...,
+        changed_elements: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_seconds", b"apply_seconds", "bytes", b"bytes", "previous_version", b"previous_version", "tensors", b"tensors", "transfer_seconds", b"transfer_seconds", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_seconds", b"apply_seconds", "bytes", b"bytes", "changed_elements", b"changed_elements", "image_digest", b"image_digest", "outcomes", b"outcomes", "previous_version", b"previous_version", "stage_seconds", b"stage_seconds", "staged", b"staged", "tensors", b"tensors", "tensors_reloaded", b"tensors_reloaded", "transfer_seconds", b"transfer_seconds", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateWeightsResponse: _TypeAlias = UpdateWeightsResponse  # noqa: Y015
+
+@_typing.final
+class PushOutcome(_message.Message):
+    """What one replica made of a relayed push."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    address: _builtins.str
+    """host:port as its parent named it; empty for the replica answering."""
+    code: _builtins.str
+    """"OK", or the name of the gRPC status code it refused the push with (e.g.
+    "FAILED_PRECONDITION"), or of the error its parent got trying to reach it.
+    """
+    message: _builtins.str
+    """Why it refused; empty when OK."""
+    @_builtins.property
+    def result(self) -> Global___UpdateWeightsResponse:
+        """Its own result when OK (outcomes empty)."""
+
+    def __init__(
+        self,
+        *,
+        address: _builtins.str = ...,
+        code: _builtins.str = ...,
+        message: _builtins.str = ...,
+        result: Global___UpdateWeightsResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "code", b"code", "message", b"message", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushOutcome: _TypeAlias = PushOutcome  # noqa: Y015
+
+@_typing.final
+class CommitWeightsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version staged by UpdateWeights with stage_only."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitWeightsRequest: _TypeAlias = CommitWeightsRequest  # noqa: Y015
+
+@_typing.final
+class AbortWeightsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version staged by UpdateWeights with stage_only."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortWeightsRequest: _TypeAlias = AbortWeightsRequest  # noqa: Y015
+
+@_typing.final
+class AbortWeightsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ABORTED_FIELD_NUMBER: _builtins.int
+    aborted: _builtins.bool
+    """True when a staged push was dropped."""
+    def __init__(
+        self,
+        *,
+        aborted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted", b"aborted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortWeightsResponse: _TypeAlias = AbortWeightsResponse  # noqa: Y015
+
+@_typing.final
+class RollbackWeightsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The served version to undo; the response's version is the one put back."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackWeightsRequest: _TypeAlias = RollbackWeightsRequest  # noqa: Y015
 
 @_typing.final
 class PolicyModelInfo(_message.Message):
@@ -687,6 +1019,8 @@ class PolicyModelInfo(_message.Message):
     MAX_PROMPTS_FIELD_NUMBER: _builtins.int
     ENGINE_CONFIG_FIELD_NUMBER: _builtins.int
     MAX_TEXT_BYTES_FIELD_NUMBER: _builtins.int
+    STAGED_VERSION_FIELD_NUMBER: _builtins.int
+    ROLLBACK_VERSION_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """Model directory or name as given to --model / --served-model-name."""
     architecture: _builtins.str
@@ -713,6 +1047,10 @@ class PolicyModelInfo(_message.Message):
     """Limit of one text prompt (or all messages of one prompt), in bytes
     (--max-text-bytes).
     """
+    staged_version: _builtins.int
+    """The version of a push staged and waiting for CommitWeights; 0 = none."""
+    rollback_version: _builtins.int
+    """The version RollbackWeights would put back; 0 = none kept."""
     @_builtins.property
     def tensors(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]:
         """Every parameter UpdateWeights accepts, with dtype and shape."""
@@ -742,10 +1080,12 @@ class PolicyModelInfo(_message.Message):
         max_prompts: _builtins.int = ...,
         engine_config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_text_bytes: _builtins.int = ...,
+        staged_version: _builtins.int = ...,
+        rollback_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "dtype", b"dtype", "engine_config", b"engine_config", "eos_token_id", b"eos_token_id", "instance_id", b"instance_id", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_prompts", b"max_prompts", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "pad_token_id", b"pad_token_id", "tensors", b"tensors", "vocab_size", b"vocab_size", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["architecture", b"architecture", "backend", b"backend", "dtype", b"dtype", "engine_config", b"engine_config", "eos_token_id", b"eos_token_id", "instance_id", b"instance_id", "max_model_len", b"max_model_len", "max_n", b"max_n", "max_prompts", b"max_prompts", "max_text_bytes", b"max_text_bytes", "model_name", b"model_name", "pad_token_id", b"pad_token_id", "rollback_version", b"rollback_version", "staged_version", b"staged_version", "tensors", b"tensors", "vocab_size", b"vocab_size", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -50,6 +50,21 @@ class PolicyServiceStub:
                 request_serializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
                 _registered_method=True)
+        self.CommitWeights = channel.unary_unary(
+                '/rlhf.v1.PolicyService/CommitWeights',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.CommitWeightsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.AbortWeights = channel.unary_unary(
+                '/rlhf.v1.PolicyService/AbortWeights',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.AbortWeightsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_policy__pb2.AbortWeightsResponse.FromString,
+                _registered_method=True)
+        self.RollbackWeights = channel.unary_unary(
+                '/rlhf.v1.PolicyService/RollbackWeights',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.RollbackWeightsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/rlhf.v1.PolicyService/GetModelInfo',
                 request_serializer=rlhf_dot_v1_dot_common__pb2.GetModelInfoRequest.SerializeToString,
@@ -77,14 +92,53 @@ class PolicyServiceServicer:
 
     def UpdateWeights(self, request_iterator, context):
         """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-        tensor bytes, then one WeightsCommit, then the end of the stream (a message
+        payload, then one WeightsCommit, then the end of the stream (a message
         after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
         arrived and verified and the stream ended; then the new weights apply
         atomically, in-flight generation finishes first, caches are reset and the
-        version moves to header.version. A stream that sends nothing for the
-        server's --push-idle-timeout-s (default 60 s) is dropped with
-        DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
-        automatically.
+        version moves to header.version. The payload is the tensors' bytes (a full
+        or partial push) or a delta against the served version (header.delta).
+        With header.image_digest, the replica's whole image after the push must
+        have that digest (see WeightsHeader.image_digest) before it is served. With
+        header.stage_only the push is verified and staged, and applied only by
+        CommitWeights. With header.relay the replica passes the stream on to
+        further replicas as it arrives (see RelayPlan) and answers with every
+        replica's outcome. A stream that sends nothing for the server's
+        --push-idle-timeout-s (default 60 s) is dropped with DEADLINE_EXCEEDED; a
+        full staging disk is RESOURCE_EXHAUSTED. Never retried automatically.
+        Needs the push token when the server has --push-token-file (metadata
+        "rlhf-push-token"), on top of the bearer token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitWeights(self, request, context):
+        """Apply the push staged for `version` (UpdateWeights with stage_only): the
+        second phase of an all-or-nothing push across replicas. FAILED_PRECONDITION
+        when nothing is staged for that version (never staged, aborted, replaced by
+        a later push, or older than the server's --stage-timeout-s). Needs the push
+        token like UpdateWeights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortWeights(self, request, context):
+        """Drop the push staged for `version`; the served weights do not change.
+        Answers OK whether or not something was staged (aborting twice is fine).
+        Needs the push token like UpdateWeights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackWeights(self, request, context):
+        """The one exception to "versions only go up": put back the weights served
+        before `version`, as they were, when `version` is the served version and
+        was pushed with header.keep_previous (a canary's undo). The previous image
+        is kept until the next push commits; after that, or for any other version,
+        FAILED_PRECONDITION. Needs the push token like UpdateWeights.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +167,21 @@ def add_PolicyServiceServicer_to_server(servicer, server):
             'UpdateWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.UpdateWeights,
                     request_deserializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'CommitWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitWeights,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.CommitWeightsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'AbortWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortWeights,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.AbortWeightsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_policy__pb2.AbortWeightsResponse.SerializeToString,
+            ),
+            'RollbackWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackWeights,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.RollbackWeightsRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
@@ -201,6 +270,87 @@ class PolicyService:
             target,
             '/rlhf.v1.PolicyService/UpdateWeights',
             rlhf_dot_v1_dot_policy__pb2.UpdateWeightsRequest.SerializeToString,
+            rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/CommitWeights',
+            rlhf_dot_v1_dot_policy__pb2.CommitWeightsRequest.SerializeToString,
+            rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/AbortWeights',
+            rlhf_dot_v1_dot_policy__pb2.AbortWeightsRequest.SerializeToString,
+            rlhf_dot_v1_dot_policy__pb2.AbortWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/RollbackWeights',
+            rlhf_dot_v1_dot_policy__pb2.RollbackWeightsRequest.SerializeToString,
             rlhf_dot_v1_dot_policy__pb2.UpdateWeightsResponse.FromString,
             options,
             channel_credentials,

@@ -42,14 +42,41 @@ class PolicyServiceStub:
     """Generation for one prompt, tokens streamed as they are produced."""
     UpdateWeights: _grpc.StreamUnaryMultiCallable[_policy_pb2.UpdateWeightsRequest, _policy_pb2.UpdateWeightsResponse]
     """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-    tensor bytes, then one WeightsCommit, then the end of the stream (a message
+    payload, then one WeightsCommit, then the end of the stream (a message
     after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
     arrived and verified and the stream ended; then the new weights apply
     atomically, in-flight generation finishes first, caches are reset and the
-    version moves to header.version. A stream that sends nothing for the
-    server's --push-idle-timeout-s (default 60 s) is dropped with
-    DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
-    automatically.
+    version moves to header.version. The payload is the tensors' bytes (a full
+    or partial push) or a delta against the served version (header.delta).
+    With header.image_digest, the replica's whole image after the push must
+    have that digest (see WeightsHeader.image_digest) before it is served. With
+    header.stage_only the push is verified and staged, and applied only by
+    CommitWeights. With header.relay the replica passes the stream on to
+    further replicas as it arrives (see RelayPlan) and answers with every
+    replica's outcome. A stream that sends nothing for the server's
+    --push-idle-timeout-s (default 60 s) is dropped with DEADLINE_EXCEEDED; a
+    full staging disk is RESOURCE_EXHAUSTED. Never retried automatically.
+    Needs the push token when the server has --push-token-file (metadata
+    "rlhf-push-token"), on top of the bearer token.
+    """
+    CommitWeights: _grpc.UnaryUnaryMultiCallable[_policy_pb2.CommitWeightsRequest, _policy_pb2.UpdateWeightsResponse]
+    """Apply the push staged for `version` (UpdateWeights with stage_only): the
+    second phase of an all-or-nothing push across replicas. FAILED_PRECONDITION
+    when nothing is staged for that version (never staged, aborted, replaced by
+    a later push, or older than the server's --stage-timeout-s). Needs the push
+    token like UpdateWeights.
+    """
+    AbortWeights: _grpc.UnaryUnaryMultiCallable[_policy_pb2.AbortWeightsRequest, _policy_pb2.AbortWeightsResponse]
+    """Drop the push staged for `version`; the served weights do not change.
+    Answers OK whether or not something was staged (aborting twice is fine).
+    Needs the push token like UpdateWeights.
+    """
+    RollbackWeights: _grpc.UnaryUnaryMultiCallable[_policy_pb2.RollbackWeightsRequest, _policy_pb2.UpdateWeightsResponse]
+    """The one exception to "versions only go up": put back the weights served
+    before `version`, as they were, when `version` is the served version and
+    was pushed with header.keep_previous (a canary's undo). The previous image
+    is kept until the next push commits; after that, or for any other version,
+    FAILED_PRECONDITION. Needs the push token like UpdateWeights.
     """
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _policy_pb2.PolicyModelInfo]
     """What is loaded, at which version, in which process."""
@@ -65,14 +92,41 @@ class PolicyServiceAsyncStub(PolicyServiceStub):
     """Generation for one prompt, tokens streamed as they are produced."""
     UpdateWeights: _aio.StreamUnaryMultiCallable[_policy_pb2.UpdateWeightsRequest, _policy_pb2.UpdateWeightsResponse]  # type: ignore[assignment]
     """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-    tensor bytes, then one WeightsCommit, then the end of the stream (a message
+    payload, then one WeightsCommit, then the end of the stream (a message
     after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
     arrived and verified and the stream ended; then the new weights apply
     atomically, in-flight generation finishes first, caches are reset and the
-    version moves to header.version. A stream that sends nothing for the
-    server's --push-idle-timeout-s (default 60 s) is dropped with
-    DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
-    automatically.
+    version moves to header.version. The payload is the tensors' bytes (a full
+    or partial push) or a delta against the served version (header.delta).
+    With header.image_digest, the replica's whole image after the push must
+    have that digest (see WeightsHeader.image_digest) before it is served. With
+    header.stage_only the push is verified and staged, and applied only by
+    CommitWeights. With header.relay the replica passes the stream on to
+    further replicas as it arrives (see RelayPlan) and answers with every
+    replica's outcome. A stream that sends nothing for the server's
+    --push-idle-timeout-s (default 60 s) is dropped with DEADLINE_EXCEEDED; a
+    full staging disk is RESOURCE_EXHAUSTED. Never retried automatically.
+    Needs the push token when the server has --push-token-file (metadata
+    "rlhf-push-token"), on top of the bearer token.
+    """
+    CommitWeights: _aio.UnaryUnaryMultiCallable[_policy_pb2.CommitWeightsRequest, _policy_pb2.UpdateWeightsResponse]  # type: ignore[assignment]
+    """Apply the push staged for `version` (UpdateWeights with stage_only): the
+    second phase of an all-or-nothing push across replicas. FAILED_PRECONDITION
+    when nothing is staged for that version (never staged, aborted, replaced by
+    a later push, or older than the server's --stage-timeout-s). Needs the push
+    token like UpdateWeights.
+    """
+    AbortWeights: _aio.UnaryUnaryMultiCallable[_policy_pb2.AbortWeightsRequest, _policy_pb2.AbortWeightsResponse]  # type: ignore[assignment]
+    """Drop the push staged for `version`; the served weights do not change.
+    Answers OK whether or not something was staged (aborting twice is fine).
+    Needs the push token like UpdateWeights.
+    """
+    RollbackWeights: _aio.UnaryUnaryMultiCallable[_policy_pb2.RollbackWeightsRequest, _policy_pb2.UpdateWeightsResponse]  # type: ignore[assignment]
+    """The one exception to "versions only go up": put back the weights served
+    before `version`, as they were, when `version` is the served version and
+    was pushed with header.keep_previous (a canary's undo). The previous image
+    is kept until the next push commits; after that, or for any other version,
+    FAILED_PRECONDITION. Needs the push token like UpdateWeights.
     """
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_common_pb2.GetModelInfoRequest, _policy_pb2.PolicyModelInfo]  # type: ignore[assignment]
     """What is loaded, at which version, in which process."""
@@ -103,14 +157,59 @@ class PolicyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_policy_pb2.UpdateWeightsResponse, _abc.Awaitable[_policy_pb2.UpdateWeightsResponse]]:
         """Client stream: one WeightsHeader, then WeightsChunk messages carrying the
-        tensor bytes, then one WeightsCommit, then the end of the stream (a message
+        payload, then one WeightsCommit, then the end of the stream (a message
         after the commit is INVALID_ARGUMENT). Nothing changes unless every byte
         arrived and verified and the stream ended; then the new weights apply
         atomically, in-flight generation finishes first, caches are reset and the
-        version moves to header.version. A stream that sends nothing for the
-        server's --push-idle-timeout-s (default 60 s) is dropped with
-        DEADLINE_EXCEEDED; a full staging disk is RESOURCE_EXHAUSTED. Never retried
-        automatically.
+        version moves to header.version. The payload is the tensors' bytes (a full
+        or partial push) or a delta against the served version (header.delta).
+        With header.image_digest, the replica's whole image after the push must
+        have that digest (see WeightsHeader.image_digest) before it is served. With
+        header.stage_only the push is verified and staged, and applied only by
+        CommitWeights. With header.relay the replica passes the stream on to
+        further replicas as it arrives (see RelayPlan) and answers with every
+        replica's outcome. A stream that sends nothing for the server's
+        --push-idle-timeout-s (default 60 s) is dropped with DEADLINE_EXCEEDED; a
+        full staging disk is RESOURCE_EXHAUSTED. Never retried automatically.
+        Needs the push token when the server has --push-token-file (metadata
+        "rlhf-push-token"), on top of the bearer token.
+        """
+
+    @_abc_1.abstractmethod
+    def CommitWeights(
+        self,
+        request: _policy_pb2.CommitWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.UpdateWeightsResponse, _abc.Awaitable[_policy_pb2.UpdateWeightsResponse]]:
+        """Apply the push staged for `version` (UpdateWeights with stage_only): the
+        second phase of an all-or-nothing push across replicas. FAILED_PRECONDITION
+        when nothing is staged for that version (never staged, aborted, replaced by
+        a later push, or older than the server's --stage-timeout-s). Needs the push
+        token like UpdateWeights.
+        """
+
+    @_abc_1.abstractmethod
+    def AbortWeights(
+        self,
+        request: _policy_pb2.AbortWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.AbortWeightsResponse, _abc.Awaitable[_policy_pb2.AbortWeightsResponse]]:
+        """Drop the push staged for `version`; the served weights do not change.
+        Answers OK whether or not something was staged (aborting twice is fine).
+        Needs the push token like UpdateWeights.
+        """
+
+    @_abc_1.abstractmethod
+    def RollbackWeights(
+        self,
+        request: _policy_pb2.RollbackWeightsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_policy_pb2.UpdateWeightsResponse, _abc.Awaitable[_policy_pb2.UpdateWeightsResponse]]:
+        """The one exception to "versions only go up": put back the weights served
+        before `version`, as they were, when `version` is the served version and
+        was pushed with header.keep_previous (a canary's undo). The previous image
+        is kept until the next push commits; after that, or for any other version,
+        FAILED_PRECONDITION. Needs the push token like UpdateWeights.
         """
 
     @_abc_1.abstractmethod

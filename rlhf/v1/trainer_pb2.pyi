@@ -320,6 +320,7 @@ class TrainerStatus(_message.Message):
     WAITING_FOR_FIELD_NUMBER: _builtins.int
     WAITING_SINCE_FIELD_NUMBER: _builtins.int
     REWARD_MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
     phase: Global___Phase.ValueType
     step: _builtins.int
     """Last finished step (0 before the first)."""
@@ -345,6 +346,10 @@ class TrainerStatus(_message.Message):
     def waiting_since(self) -> _timestamp_pb2.Timestamp:
         """When the first of those failures happened (unset when not waiting)."""
 
+    @_builtins.property
+    def canary(self) -> Global___CanaryVerdict:
+        """The last canary verdict (services.canary on); unset before the first."""
+
     def __init__(
         self,
         *,
@@ -360,14 +365,68 @@ class TrainerStatus(_message.Message):
         waiting_for: _builtins.str = ...,
         waiting_since: _timestamp_pb2.Timestamp | None = ...,
         reward_model_version: _builtins.str = ...,
+        canary: Global___CanaryVerdict | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "waiting_since", b"waiting_since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "last_metrics", b"last_metrics", "waiting_since", b"waiting_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "reward_model_version", b"reward_model_version", "step", b"step", "total_steps", b"total_steps", "waiting_for", b"waiting_for", "waiting_since", b"waiting_since", "weight_version", b"weight_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "last_metrics", b"last_metrics", "message", b"message", "paused", b"paused", "phase", b"phase", "replicas", b"replicas", "replicas_in_sync", b"replicas_in_sync", "reward_model_version", b"reward_model_version", "step", b"step", "total_steps", b"total_steps", "waiting_for", b"waiting_for", "waiting_since", b"waiting_since", "weight_version", b"weight_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainerStatus: _TypeAlias = TrainerStatus  # noqa: Y015
+
+@_typing.final
+class CanaryVerdict(_message.Message):
+    """A pushed version tried on one replica first and compared with the version
+    before it on fixed probe prompts.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    KL_FIELD_NUMBER: _builtins.int
+    SCORE_BEFORE_FIELD_NUMBER: _builtins.int
+    SCORE_AFTER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The version tried."""
+    replica: _builtins.str
+    """host:port of the canary replica."""
+    passed: _builtins.bool
+    """False: the canary was rolled back to the version before and the run stopped."""
+    kl: _builtins.float
+    """Mean per-token KL(version - 1 || version) on the probes, nats (NaN when the
+    canary could not be probed).
+    """
+    score_before: _builtins.float
+    """Mean reward-service score of the probes' completions before and after."""
+    score_after: _builtins.float
+    message: _builtins.str
+    """What was compared, and why it failed."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        replica: _builtins.str = ...,
+        passed: _builtins.bool = ...,
+        kl: _builtins.float = ...,
+        score_before: _builtins.float = ...,
+        score_after: _builtins.float = ...,
+        message: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kl", b"kl", "message", b"message", "passed", b"passed", "replica", b"replica", "score_after", b"score_after", "score_before", b"score_before", "time", b"time", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CanaryVerdict: _TypeAlias = CanaryVerdict  # noqa: Y015
 
 @_typing.final
 class SaveCheckpointResponse(_message.Message):

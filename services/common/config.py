@@ -7,6 +7,7 @@ import os
 import pathlib
 
 TOKEN_ENV = "RLHF_AUTH_TOKEN"
+PUSH_TOKEN_ENV = "RLHF_PUSH_TOKEN"  # weight pushes to the policy replicas (the trainer and the replicas hold it)
 
 # A config file or --set value: far more than any real config holds, far less than what an alias
 # bomb ("billion laughs") expands to. PyYAML builds aliases as shared objects, so the bomb loads
@@ -116,6 +117,8 @@ def add_client_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--client-tls-ca", default=None, help="PEM CA that signed the services' certificates (TLS on when given)")
     g.add_argument("--client-tls-cert", default=None, help="PEM client certificate for mTLS")
     g.add_argument("--client-tls-key", default=None, help="PEM key of --client-tls-cert")
+    g.add_argument("--client-push-token-file", default=None,
+                   help=f"push token for weight pushes to the policy replicas (default: ${PUSH_TOKEN_ENV})")
 
 
 def read_token(path: str | None) -> str | None:
@@ -123,6 +126,13 @@ def read_token(path: str | None) -> str | None:
     if path:
         return pathlib.Path(path).read_text().strip() or None
     return os.environ.get(TOKEN_ENV) or None
+
+
+def read_push_token(path: str | None) -> str | None:
+    """The push token from a file or $RLHF_PUSH_TOKEN; None = pushes need the bearer token only."""
+    if path:
+        return pathlib.Path(path).read_text().strip() or None
+    return os.environ.get(PUSH_TOKEN_ENV) or None
 
 
 @dataclasses.dataclass
@@ -157,12 +167,14 @@ class ClientConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = 64 << 20
+    push_token: str | None = None  # sent with weight pushes (metadata rlhf-push-token)
 
     @classmethod
     def from_env(cls) -> "ClientConfig":
-        return cls(auth_token=read_token(None))
+        return cls(auth_token=read_token(None), push_token=read_push_token(None))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ClientConfig":
         return cls(auth_token=read_token(args.client_auth_token_file), tls_ca=args.client_tls_ca,
-                   tls_cert=args.client_tls_cert, tls_key=args.client_tls_key)
+                   tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
+                   push_token=read_push_token(getattr(args, "client_push_token_file", None)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -21,13 +22,15 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from services.common.errors import FailedPrecondition, Unavailable
-from services.policy import limits
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from services.policy import limits, wire
 from services.common.text import render_messages
 from services.policy.limits import Chat, Limits, Prompt, Sampling
-from services.policy.metrics import (GENERATED_TOKENS, PROMPT_TOKENS, TTFT, UPDATE_BYTES, WEIGHT_VERSION)
+from services.policy.metrics import (CHANGED_ELEMENTS, GENERATED_TOKENS, PROMPT_TOKENS, STAGE_SECONDS, TTFT,
+                                     UPDATE_BYTES, WEIGHT_VERSION)
 from services.policy.results import Completion, PromptResult
-from services.policy.weights import PushSession, StagedWeights, StagingDir, TensorSpec, checkpoint_tensors
+from services.policy.weights import (DISK_FULL, FILE_PREFIX, PushSession, StagedImage, StagedSlot, StagedWeights,
+                                     StagingDir, TensorSource, TensorSpec, checkpoint_tensors)
 from services.policy.worker import CPU_WORKER_SPIN_S, WORKER_SPIN_ENV
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ INSTANCE = uuid.uuid4()  # made once per process: a new one means the replica re
 INSTANCE_ID = str(INSTANCE)
 WORKER_EXTENSION = "services.policy.worker.WeightLoader"
 DEAD_POLL_S = 0.5  # vLLM notices its core process's death within ~1 s; we look this often
+STAGE_THREADS = min(8, os.cpu_count() or 1)  # tensors of a push decoded and hashed at once
 
 # What GetModelInfo.engine_config reports: vLLM argument name -> (VllmConfig section, attribute).
 ENGINE_CONFIG = {
@@ -76,6 +80,8 @@ class EngineConfig:
     # On disk the kernel keeps what fits in the page cache and can drop it; /dev/shm writes
     # a little faster but pins every byte in RAM.
     staging_dir: str | None = None
+    # How long a push staged for CommitWeights waits before it is dropped.
+    stage_timeout_s: float = 300.0
 
 
 @dataclasses.dataclass
@@ -96,6 +102,12 @@ class UpdateResult:
     bytes: int
     tensors: int
     apply_seconds: float
+    staged: bool = False  # waits for commit(); nothing applied yet
+    image_digest: bytes = b""
+    tensors_reloaded: int = 0
+    stage_seconds: float = 0.0
+    changed_elements: int = 0
+    transfer_seconds: float = 0.0
 
 
 @dataclasses.dataclass
@@ -115,6 +127,8 @@ class ModelInfo:
     max_prompts: int
     engine_config: dict[str, str]
     max_text_bytes: int
+    staged_version: int = 0
+    rollback_version: int = 0
 
 
 def _engine_dead() -> Unavailable:
@@ -138,6 +152,11 @@ class PolicyEngine:
         self._apply_lock = asyncio.Lock()
         self._request_counter = 0
         self.staging = StagingDir(cfg.staging_dir, owner=INSTANCE.hex)
+        self.highest_version = 0  # above the served one after a rollback: versions only go up
+        self._sources: dict[str, TensorSource] = {}
+        self._digests: dict[tuple[TensorSource, int], list[bytes]] = {}  # (source, segments) -> segment digests
+        self._slot = StagedSlot(cfg.stage_timeout_s)
+        self._previous: tuple[int, dict[str, TensorSource]] | None = None  # kept for a rollback
         # One thread tokenizes: the event loop stays free, and the tokenizer is never used
         # from two threads at once.
         self._tokenize = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
@@ -228,7 +247,7 @@ class PolicyEngine:
         return SamplingParams(n=c.n, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_tokens=c.max_tokens, stop=c.stop or None, stop_token_ids=c.stop_token_ids or None,
                               seed=c.seed, ignore_eos=c.ignore_eos, logprobs=0 if c.logprobs else None,
-                              output_kind=RequestOutputKind.DELTA)
+                              prompt_logprobs=0 if c.prompt_logprobs else None, output_kind=RequestOutputKind.DELTA)
 
     async def _enter(self, require_version: int) -> int:
         """Admit one generation at the current version (waits while an update applies)."""
@@ -289,7 +308,11 @@ class PolicyEngine:
     async def _one(self, prompt_ids: list[int], params, request_id: str, version: int, *,
                    time_first_token: bool) -> PromptResult:
         acc: dict[int, Completion] = {}
+        prompt_logprobs: list[float] = []
         async for out in self._outputs(prompt_ids, params, request_id, time_first_token=time_first_token):
+            if params.prompt_logprobs is not None and out.prompt_logprobs and not prompt_logprobs:
+                # one dict per prompt position, None for the first token (nothing before it)
+                prompt_logprobs = [float(pos[t].logprob) for t, pos in zip(prompt_ids[1:], out.prompt_logprobs[1:])]
             for c in out.outputs:
                 a = acc.setdefault(c.index, Completion(c.index, [], "", [], "abort", version))
                 a.token_ids += c.token_ids
@@ -301,7 +324,7 @@ class PolicyEngine:
         PROMPT_TOKENS.inc(len(prompt_ids))
         completions = sorted(acc.values(), key=lambda c: c.index)
         GENERATED_TOKENS.inc(sum(len(c.token_ids) for c in completions))
-        return PromptResult(list(prompt_ids), completions)
+        return PromptResult(list(prompt_ids), completions, prompt_logprobs)
 
     @staticmethod
     def _finish(c) -> tuple[str, str]:
@@ -339,58 +362,252 @@ class PolicyEngine:
             self._exit()
 
     # ---- weights ---------------------------------------------------------------------
+    #
+    # The served image is `_sources`: where each tensor's current bytes are (the model
+    # directory, or a staged push's file). A push is received by a PushSession, then staged
+    # here (a delta decoded against the image, the new tensors written after the payload in
+    # the push's own file, the image digest checked), then committed: the worker reloads the
+    # tensors it touched and the sources move. `_sources` is replaced, never changed in
+    # place, so a thread reading it sees one image.
 
     def push_session(self) -> PushSession:
         """A new push, checked against what is served now (apply checks the version again)."""
         self._require_started()
+        self._release(self._slot.expired())
         return PushSession(self.staging, served=self.served, current_version=self.version,
-                           max_bytes=self.cfg.max_push_bytes)
+                           max_bytes=self.cfg.max_push_bytes, image_digest=self.image_digest,
+                           highest_version=self.highest_version)
+
+    def image_digest(self, segments: int, changed: dict[str, list[bytes]] | None = None,
+                     sources: dict[str, TensorSource] | None = None) -> bytes:
+        """The digest of the served image (WeightsHeader.image_digest), with `changed` in place of
+        those tensors' segment digests. What is not cached yet is read (the whole image, the
+        first time a push asks for a digest with this many segments)."""
+        sources = self._sources if sources is None else sources
+        changed = changed or {}
+        return wire.image_digest({name: changed.get(name) or self._tensor_digests(sources[name], segments)
+                                  for name in self.served})
+
+    def _tensor_digests(self, source: TensorSource, segments: int) -> list[bytes]:
+        key = (source, segments)
+        digests = self._digests.get(key)
+        if digests is None:
+            digests = wire.segment_digests(_as_bytes(self._read(source)), source.shape,
+                                           wire.ELEMENT_SIZE[self.dtype], segments)
+            self._digests[key] = digests
+        return digests
+
+    def _read(self, source: TensorSource):
+        """One tensor of the image, in the served dtype, on the CPU."""
+        from services.policy.worker import read_tensor
+
+        return read_tensor(source.kind, source.path, source.offset, source.dtype, source.shape, source.name,
+                           to_dtype=self.dtype)
+
+    def _stage(self, staged: StagedWeights) -> StagedImage:
+        """A verified push made into image changes (a thread: a delta's decoding and the digests
+        take CPU time). Nothing served changes here; any error leaves the image as it was."""
+        from services.ml.delta import apply_entry
+
+        t0 = time.perf_counter()
+        h = staged.header
+        specs = {t.name: t for t in h.tensors}
+        size = wire.ELEMENT_SIZE[self.dtype]
+        # Where each rebuilt tensor goes: after the payload, in header order.
+        ends = itertools.accumulate((specs[s.name].nbytes for s in staged.sources if s.kind == "delta"),
+                                    initial=staged.nbytes)
+        places = {s.name: end for s, end in zip((s for s in staged.sources if s.kind == "delta"), ends)}
+
+        def one(i: int, s: TensorSource, fd: int) -> tuple[TensorSource, int, list[bytes] | None]:
+            """One tensor: its delta applied to the served one and written raw (a thread each: the
+            work is torch, file I/O and hashing, which let go of the GIL)."""
+            spec = specs[s.name]
+            if s.kind == "delta":
+                try:
+                    new, k = apply_entry(self._read(self._sources[s.name]), _pread(fd, spec.encoded_bytes, s.offset),
+                                         h.segments)
+                except ValueError as e:
+                    raise InvalidArgument(f"header.tensors[{i}] ({s.name!r}): its delta entry does not fit the "
+                                          f"tensor: {e}; nothing was applied") from None
+                data = _as_bytes(new)
+                _pwrite(fd, data, places[s.name])  # the tensor as the worker reads it: raw, after the payload
+                s = TensorSource(s.name, "raw", staged.path, places[s.name], s.dtype, s.shape)
+            else:
+                k = spec.nbytes // size
+                data = _pread(fd, spec.nbytes, s.offset) if h.image_digest else None
+            return s, k, (wire.segment_digests(data, s.shape, size, h.segments) if data is not None else None)
+
+        try:
+            fd = os.open(staged.path, os.O_RDWR)
+            try:
+                with ThreadPoolExecutor(STAGE_THREADS, thread_name_prefix="stage") as pool:
+                    done = list(pool.map(one, range(len(staged.sources)), staged.sources,
+                                         [fd] * len(staged.sources)))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise ResourceExhausted(f"the staging directory {self.staging.directory} is full "
+                                        f"({os.strerror(e.errno)}) while decoding a delta push; nothing was applied "
+                                        f"(free room there or point --staging-dir at a larger one)") from e
+            raise
+        sources = {s.name: s for s, _, _ in done}
+        digests = {s.name: d for s, _, d in done if d is not None}
+        changed = sum(k for _, k, _ in done)
+        image = b""
+        if h.image_digest:
+            image = self.image_digest(h.segments, digests)
+            if image != h.image_digest:
+                raise FailedPrecondition(f"header.image_digest {h.image_digest.hex()[:16]}... is not the digest of the "
+                                         f"image this push makes here ({image.hex()[:16]}...): the replica's weights "
+                                         f"differ from the sender's; nothing was applied, send a full push")
+        return StagedImage(staged.version, self.version, staged.path, sources, staged.full, staged.nbytes, changed,
+                           h.segments, digests, image, h.keep_previous, staged.transfer_seconds,
+                           time.perf_counter() - t0)
 
     async def apply(self, staged: StagedWeights) -> UpdateResult:
-        """Swap in verified weights: drain generation, reload, reset caches, bump the version.
-        The staged file is the engine's from here on: served from, or recycled."""
+        """Stage a verified push (a delta decoded, the image digest checked), then swap it in:
+        drain generation, reload, reset caches, bump the version; or, with stage_only, keep it
+        for commit(). The staged file is the engine's from here on: served from, staged, or
+        recycled."""
+        self._require_started()
+        image = None
         try:
-            return await self._apply(staged)
+            async with self._apply_lock:
+                self._check_newer(staged.version)
+                base = staged.header.delta_base
+                if base is not None and base != self.version:  # another push committed since the header
+                    raise FailedPrecondition(f"header.delta.version is {base} but this replica serves version "
+                                             f"{self.version} now: send a full push")
+                image = await asyncio.to_thread(self._stage, staged)
+                STAGE_SECONDS.observe(image.stage_seconds)
+                if staged.header.stage_only:
+                    self._release(self._slot.put(image))
+                    log.info("weights v%d staged onto v%d: %d tensors, %.1f MB, staged in %.2f s; waiting for "
+                             "CommitWeights", image.version, self.version, len(image.sources), image.nbytes / 1e6,
+                             image.stage_seconds)
+                    return self._result(image, self.version, staged=True)
+                return await self._commit(image)
         finally:
-            if staged.path not in {s.path for s in self._sources.values()}:  # refused or failed
-                self.staging.recycle(staged.path)
+            self._release(staged.path)
 
-    async def _apply(self, staged: StagedWeights) -> UpdateResult:
+    async def commit(self, version: int) -> UpdateResult:
+        """Apply the push staged for `version` (CommitWeights)."""
+        self._require_started()
+        async with self._apply_lock:
+            self._release(self._slot.expired())
+            image = self._slot.take(version)
+            try:
+                return await self._commit(image)
+            finally:
+                self._release(image.path)
+
+    async def abort(self, version: int) -> bool:
+        """Drop the push staged for `version` (AbortWeights); True when there was one."""
+        self._require_started()
+        async with self._apply_lock:
+            image = self._slot.drop(version)
+            self._release(image)
+            if image is not None:
+                log.info("weights v%d: the staged push was aborted; still serving v%d", version, self.version)
+            return image is not None
+
+    async def rollback(self, version: int) -> UpdateResult:
+        """Put back the image served before `version` (RollbackWeights): the one way down."""
+        self._require_started()
+        async with self._apply_lock:
+            if self._previous is None or self.version != version:
+                kept = f"version {self._previous[0]} is kept" if self._previous else "no earlier image is kept"
+                raise FailedPrecondition(f"cannot roll back version {version}: version {self.version} is served and "
+                                         f"{kept} (only a push with header.keep_previous keeps one, until the next "
+                                         f"push commits)")
+            previous, sources = self._previous
+            touched = sorted(n for n in self.served if sources[n] != self._sources[n])
+            t0 = time.perf_counter()
+            reloaded = await self._reload(sources, touched)
+            dropped, self._sources, self._previous = self._sources, sources, None
+            self.version = previous
+            self._release(*{s.path for s in dropped.values()})
+            WEIGHT_VERSION.set(self.version)
+            seconds = time.perf_counter() - t0
+            log.warning("weights v%d rolled back to v%d: %d tensors reloaded in %.2f s", version, previous, reloaded,
+                        seconds)
+            return UpdateResult(previous, version, 0, len(touched), seconds, tensors_reloaded=reloaded)
+
+    def _check_newer(self, version: int) -> None:
+        if version <= self.version:  # another push got in first
+            raise FailedPrecondition(f"header.version must be greater than the served version {self.version}, "
+                                     f"got {version}")
+        if version <= self.highest_version:
+            raise FailedPrecondition(f"header.version must be greater than {self.highest_version}, the highest "
+                                     f"version this replica has served, got {version}")
+
+    async def _reload(self, sources: dict[str, TensorSource], touched: list[str] | None) -> int:
+        """Load `touched` (every tensor: None) from `sources` into the model, with generation
+        drained meanwhile and the prefix cache reset after; the tensors the worker reloaded."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        async with self._apply_lock:
-            if staged.version <= self.version:  # another push got in first
-                raise FailedPrecondition(f"header.version must be greater than the served version {self.version}, "
-                                         f"got {staged.version}")
-            t0 = time.perf_counter()
-            self._open.clear()
-            try:
-                await self._idle.wait()
-                # The worker needs every tensor of a layer to re-process it (fused qkv,
-                # packed GEMM weights), so a partial push reloads the rest from where each
-                # tensor currently lives: the model directory or an earlier push.
-                sources = dict(self._sources)
-                for s in staged.sources:
-                    sources[s.name] = s
-                rows = [(s.name, s.kind, s.path, s.offset, s.dtype, list(s.shape)) for s in sources.values()]
-                await self.llm.collective_rpc("rlhf_reload", args=(rows,))
-                if not await self.llm.reset_prefix_cache():
-                    raise Unavailable("could not reset the prefix cache after loading weights")
-                previous, self.version = self.version, staged.version
-                old_files = {s.path for s in self._sources.values() if s.kind == "raw"}
-                self._sources = sources
-                for path in old_files - {s.path for s in sources.values()}:
-                    self.staging.recycle(path)
-            except EngineDeadError as e:
-                raise _engine_dead() from e
-            finally:
-                self._open.set()
-            apply_seconds = time.perf_counter() - t0
-            WEIGHT_VERSION.set(self.version)
-            UPDATE_BYTES.inc(staged.nbytes)
-            log.info("weights v%d -> v%d: %d tensors, %.1f MB, applied in %.2f s", previous, self.version,
-                     len(staged.sources), staged.nbytes / 1e6, apply_seconds)
-            return UpdateResult(self.version, previous, staged.nbytes, len(staged.sources), apply_seconds)
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            rows = [(s.name, s.kind, s.path, s.offset, s.dtype, list(s.shape)) for s in sources.values()]
+            reloaded = await self.llm.collective_rpc("rlhf_reload", args=(rows, touched))
+            if not await self.llm.reset_prefix_cache():
+                raise Unavailable("could not reset the prefix cache after loading weights")
+            return int(reloaded[0]) if reloaded else 0
+        except EngineDeadError as e:
+            raise _engine_dead() from e
+        finally:
+            self._open.set()
+
+    async def _commit(self, image: StagedImage) -> UpdateResult:
+        """Swap a staged image in (the apply lock held)."""
+        self._check_newer(image.version)
+        if image.base_version != self.version:
+            raise FailedPrecondition(f"the push of version {image.version} was staged onto version "
+                                     f"{image.base_version}, but version {self.version} is served now; push again")
+        t0 = time.perf_counter()
+        sources = {**self._sources, **image.sources}
+        # The worker needs every tensor of a layer to re-process it (fused qkv, packed GEMM
+        # weights): it widens `touched` to whole layers, read from where each tensor lives now.
+        reloaded = await self._reload(sources, None if image.full else sorted(image.sources))
+        previous, old, dropped = self.version, self._sources, self._previous
+        self._previous = (previous, old) if image.keep_previous else None
+        self._sources, self.version = sources, image.version
+        self.highest_version = max(self.highest_version, self.version)
+        for name, digests in image.digests.items():
+            self._digests[(sources[name], image.segments)] = digests
+        kept = set(self._sources.values()) | (set(self._previous[1].values()) if self._previous else set())
+        self._digests = {k: v for k, v in self._digests.items() if k[0] in kept}
+        self._release(*{s.path for s in old.values()}, *({s.path for s in dropped[1].values()} if dropped else ()))
+        apply_seconds = time.perf_counter() - t0
+        WEIGHT_VERSION.set(self.version)
+        UPDATE_BYTES.inc(image.nbytes)
+        CHANGED_ELEMENTS.inc(image.changed)
+        log.info("weights v%d -> v%d: %d tensors (%d reloaded), %.1f MB, applied in %.2f s", previous, self.version,
+                 len(image.sources), reloaded, image.nbytes / 1e6, apply_seconds)
+        return self._result(image, previous, apply_seconds=apply_seconds, reloaded=reloaded)
+
+    def _result(self, image: StagedImage, previous: int, *, staged: bool = False, apply_seconds: float = 0.0,
+                reloaded: int = 0) -> UpdateResult:
+        return UpdateResult(image.version, previous, image.nbytes, len(image.sources), apply_seconds, staged=staged,
+                            image_digest=image.image_digest, tensors_reloaded=reloaded,
+                            stage_seconds=image.stage_seconds, changed_elements=image.changed,
+                            transfer_seconds=image.transfer_seconds)
+
+    def _release(self, *items) -> None:
+        """Recycle the staging files given (paths or StagedImages) that nothing holds any more:
+        not the served image, not the one kept for a rollback, not the staged push."""
+        held = {s.path for s in self._sources.values()}
+        if self._previous is not None:
+            held |= {s.path for s in self._previous[1].values()}
+        if self._slot.held is not None:
+            held.add(self._slot.held.path)
+        for item in items:
+            path = item.path if isinstance(item, StagedImage) else item
+            if path and path not in held and os.path.basename(path).startswith(FILE_PREFIX):
+                self.staging.recycle(path)
+                held.add(path)
 
     def info(self) -> ModelInfo:
         self._require_started()
@@ -402,7 +619,34 @@ class PolicyEngine:
                          eos_token_id=-1 if tok.eos_token_id is None else tok.eos_token_id,
                          pad_token_id=-1 if tok.pad_token_id is None else tok.pad_token_id,
                          tensors=list(self.served.values()), max_n=self.cfg.max_n, max_prompts=self.cfg.max_prompts,
-                         engine_config=dict(self.engine_config), max_text_bytes=self.cfg.max_text_bytes)
+                         engine_config=dict(self.engine_config), max_text_bytes=self.cfg.max_text_bytes,
+                         staged_version=self._slot.version,
+                         rollback_version=self._previous[0] if self._previous else 0)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """`size` bytes at `offset` (one pread returns at most ~2 GiB on Linux: a large tensor takes several)."""
+    parts, done = [], 0
+    while done < size:
+        part = os.pread(fd, size - done, offset + done)
+        if not part:
+            raise OSError(f"the staged push ends {size - done} bytes early")
+        parts.append(part)
+        done += len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def _as_bytes(t) -> memoryview:
+    """The bytes of a CPU tensor (C order), without a copy when it is contiguous."""
+    import torch
+
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _config_value(value) -> str:

@@ -42,6 +42,7 @@ class Sampling:
     seed: int | None = None
     ignore_eos: bool = False
     logprobs: bool = False
+    prompt_logprobs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,4 +138,4 @@ def check_sampling(s: Sampling, limits: Limits, longest_prompt: int, *, stream: 
             raise InvalidArgument(f"params.stop_token_ids[{i}] must be in [0, {limits.vocab_size}), got {t}")
     return Sampling(n=n, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), max_tokens=max_tokens,
                     stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), seed=s.seed, ignore_eos=s.ignore_eos,
-                    logprobs=s.logprobs)
+                    logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)

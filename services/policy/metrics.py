@@ -13,3 +13,10 @@ UPDATE_SECONDS = Histogram("rlhf_policy_weight_update_seconds", "UpdateWeights f
                            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 UPDATE_BYTES = Counter("rlhf_policy_weight_update_bytes_total", "Bytes of weights applied")
 UPDATES = Counter("rlhf_policy_weight_updates_total", "UpdateWeights outcomes", ["result"])
+STAGE_SECONDS = Histogram("rlhf_policy_weight_stage_seconds", "A received push made ready to apply: a delta decoded, "
+                          "the image digest checked", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+CHANGED_ELEMENTS = Counter("rlhf_policy_weight_changed_elements_total", "Weight elements whose bits applied pushes "
+                           "changed")
+RELAYED_BYTES = Counter("rlhf_policy_weight_relayed_bytes_total", "Push bytes this replica passed on to others")
+RELAYS = Counter("rlhf_policy_weight_relays_total", "Replicas this replica passed a push on to, by outcome "
+                 "(ok, refused: the replica answered with an error; unreachable: routed around)", ["result"])

@@ -20,3 +20,4 @@ class Completion:
 class PromptResult:
     prompt_token_ids: list[int]
     completions: list[Completion]
+    prompt_logprobs: list[float] = dataclasses.field(default_factory=list)  # of tokens 1.., when asked for

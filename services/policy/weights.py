@@ -1,10 +1,15 @@
 """Receiving a weight push: the protocol (header, chunks, commit) as one session object,
-checked against the served model, its bytes staged on disk and verified.
+checked against the served model, its bytes staged on disk and verified; and the life of a
+staged push after that (StagedSlot: staged, then committed, aborted or expired).
 
 No torch, no gRPC. The bytes go straight to a staging file as they arrive, so the server
 holds at most one extra copy of the model (in the page cache of a disk file, not on the
 heap), and the vLLM worker reads them back one tensor at a time. Nothing here touches the
 served weights: a push that fails any check is discarded and the model never sees it.
+
+The session knows nothing of what the payload means (a tensor's bytes or a delta entry):
+the engine turns a staged payload into an image. So the same session, slot and commit
+serve any kind of push a later version of the contract adds (an adapter, say).
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ import pathlib
 import struct
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.policy.wire import DIGESTS, ELEMENT_SIZE
+from services.policy.wire import DIGESTS, ELEMENT_SIZE, MAX_SEGMENTS, RECORD_OVERHEAD
 
 # safetensors header dtype -> our name
 SAFETENSORS_DTYPE = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
@@ -36,12 +43,38 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    encoded_bytes: int = 0  # a delta push's entry; 0 in a raw push
+
+    @property
+    def payload(self) -> int:
+        """Bytes of this tensor in the push's payload."""
+        return self.encoded_bytes or self.nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PushHeader:
+    """A WeightsHeader, checked (check_header)."""
+    version: int
+    tensors: list[TensorSpec]
+    full: bool
+    digest: str = "xxh3_128"
+    delta_base: int | None = None  # a delta: the version it applies to
+    base_digest: bytes = b""  # a delta: the image digest of its base as the sender has it
+    image_digest: bytes = b""  # the image digest after the push; b"": not checked
+    segments: int = 1
+    stage_only: bool = False  # applied only by a commit naming its version
+    keep_previous: bool = False  # keep the image served before, for a rollback
+
+    @property
+    def delta(self) -> bool:
+        return self.delta_base is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorSource:
-    """Where the worker reads one tensor: a safetensors file of the model directory
-    (kind "safetensors") or a byte range of a staged push (kind "raw")."""
+    """Where one tensor is: a safetensors file of the model directory (kind "safetensors"),
+    a byte range of a staged push holding its bytes (kind "raw", what the worker reads), or
+    a delta entry in a staged push (kind "delta", until the engine turns it into "raw")."""
     name: str
     kind: str
     path: str
@@ -80,24 +113,38 @@ def checkpoint_tensors(model_dir: str | os.PathLike, dtype: str) -> tuple[dict[s
 
 @dataclasses.dataclass
 class StagedWeights:
-    """A complete, verified push waiting to be applied."""
+    """A complete, verified push waiting to be applied. `sources` says where each tensor's
+    payload is in the file: its bytes (a raw push) or its delta entry (header.delta)."""
     version: int
     full: bool
     path: str
     sources: list[TensorSource]
     nbytes: int
     transfer_seconds: float = 0.0
+    header: PushHeader | None = None
 
 
 def check_header(version: int, tensors: list[TensorSpec], full: bool, *, served: dict[str, TensorSpec],
-                 current_version: int, max_bytes: int) -> int:
-    """Everything that can be checked before a byte arrives; returns the total byte count."""
+                 current_version: int, max_bytes: int, header: PushHeader | None = None,
+                 image_digest: Callable[[int], bytes] | None = None, highest_version: int = 0) -> int:
+    """Everything that can be checked before a byte arrives; returns the payload's byte count.
+    The form of the header first (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), then whether it fits
+    this replica's model and version (FAILED_PRECONDITION). `image_digest(segments)` gives the
+    served image's digest, for a delta's base; `highest_version` is the highest ever served
+    (above the served one after a rollback)."""
+    h = header or PushHeader(version, tensors, full)
     if version > MAX_VERSION:
         raise InvalidArgument(f"header.version must be at most 2^63 - 1 = {MAX_VERSION}, got {version}")
-    if version <= current_version:
-        raise FailedPrecondition(f"header.version must be greater than the served version {current_version}, got {version}")
     if not tensors:
         raise InvalidArgument("header.tensors must name at least one tensor")
+    if not 1 <= h.segments <= MAX_SEGMENTS:
+        raise InvalidArgument(f"header.digest_segments must be in [1, {MAX_SEGMENTS}], got {h.segments}")
+    for field, value in (("header.image_digest", h.image_digest), ("header.delta.image_digest", h.base_digest)):
+        if value and len(value) != 16:
+            raise InvalidArgument(f"{field} must be empty or 16 bytes (XXH3-128), got {len(value)} bytes")
+    if h.delta and full:
+        raise InvalidArgument("header.full must be false in a delta push (header.delta set): a delta lists "
+                              "only the tensors that changed")
     seen: set[str] = set()
     total = 0
     for i, t in enumerate(tensors):
@@ -112,6 +159,29 @@ def check_header(version: int, tensors: list[TensorSpec], full: bool, *, served:
         want_bytes = math.prod(t.shape) * ELEMENT_SIZE[t.dtype]
         if t.nbytes != want_bytes:
             raise InvalidArgument(f"{field}.nbytes must be product(shape) * element size = {want_bytes}, got {t.nbytes}")
+        if h.delta:
+            most = t.nbytes + RECORD_OVERHEAD * h.segments
+            if not h.segments <= t.encoded_bytes <= most:
+                raise InvalidArgument(f"{field}.encoded_bytes must be in [digest_segments, nbytes + "
+                                      f"{RECORD_OVERHEAD} x digest_segments] = [{h.segments}, {most}], "
+                                      f"got {t.encoded_bytes}")
+        elif t.encoded_bytes:
+            raise InvalidArgument(f"{field}.encoded_bytes is for delta pushes (header.delta); must be 0 here, "
+                                  f"got {t.encoded_bytes}")
+        total += t.payload
+    if total > max_bytes:
+        raise ResourceExhausted(f"header.tensors total {total} bytes, above the server's --max-push-bytes {max_bytes}")
+    if version <= current_version:
+        raise FailedPrecondition(f"header.version must be greater than the served version {current_version}, got {version}")
+    if version <= highest_version:
+        raise FailedPrecondition(f"header.version must be greater than {highest_version}, the highest version this "
+                                 f"replica has served (versions only go up, across a rollback too), got {version}")
+    if h.delta and h.delta_base != current_version:
+        raise FailedPrecondition(f"header.delta.version is {h.delta_base} but this replica serves version "
+                                 f"{current_version}: a delta applies only to the version it was made against; "
+                                 f"send a full push")
+    for i, t in enumerate(tensors):
+        field = f"header.tensors[{i}]"
         model = served.get(t.name)
         if model is None:
             raise FailedPrecondition(f"{field}.name {t.name!r} is not a parameter of the served model "
@@ -120,15 +190,18 @@ def check_header(version: int, tensors: list[TensorSpec], full: bool, *, served:
             raise FailedPrecondition(f"{field}.shape of {t.name!r} must be {list(model.shape)}, got {list(t.shape)}")
         if t.dtype != model.dtype:
             raise FailedPrecondition(f"{field}.dtype of {t.name!r} must be the served dtype {model.dtype}, got {t.dtype}")
-        total += t.nbytes
     if full:
         missing = sorted(set(served) - seen)
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
             raise FailedPrecondition(f"header.full is set but header.tensors misses {len(missing)} parameters: "
                                      f"{', '.join(missing[:3])}{more}")
-    if total > max_bytes:
-        raise ResourceExhausted(f"header.tensors total {total} bytes, above the server's --max-push-bytes {max_bytes}")
+    if h.delta and h.base_digest and image_digest is not None:
+        have = image_digest(h.segments)
+        if have != h.base_digest:
+            raise FailedPrecondition(f"header.delta.image_digest {h.base_digest.hex()[:16]}... is not the digest of "
+                                     f"this replica's image at version {current_version} ({have.hex()[:16]}...): "
+                                     f"its weights are not the delta's base; send a full push")
     return total
 
 
@@ -203,6 +276,8 @@ class StagingDir:
 
     def recycle(self, path: str) -> None:
         """A file no longer needed: the spare, or deleted when there is one already."""
+        if path == self.spare:
+            return
         if self.spare is None:
             self.spare = path
         else:
@@ -230,11 +305,14 @@ class PushSession:
     a worker thread; close() waits for a write still in flight."""
 
     def __init__(self, staging: StagingDir, *, served: dict[str, TensorSpec], current_version: int,
-                 max_bytes: int):
+                 max_bytes: int, image_digest: Callable[[int], bytes] | None = None, highest_version: int = 0):
         self.staging, self.served = staging, served
         self.current_version, self.max_bytes = current_version, max_bytes
+        self.highest_version = highest_version
+        self.image_digest = image_digest
         self.total = self.received = 0
         self.path: str | None = None
+        self.refusal: FailedPrecondition | None = None  # relay only: this replica refused, passes it on
         self._file = None
         self._hash = None
         self._staged: StagedWeights | None = None
@@ -243,13 +321,27 @@ class PushSession:
 
     # ---- messages --------------------------------------------------------------------
 
-    def header(self, version: int, tensors: list[TensorSpec], full: bool, digest: str) -> None:
+    def header(self, version: int, tensors: list[TensorSpec], full: bool, digest: str, *, delta_base: int | None = None,
+               base_digest: bytes = b"", image_digest: bytes = b"", segments: int = 1, stage_only: bool = False,
+               keep_previous: bool = False, relay: bool = False) -> None:
+        """Check the header and open the staging file. With `relay`, a push this replica
+        refuses for its own state (FAILED_PRECONDITION: another base, another model) is
+        still received and staged, to be passed on; end() then raises the refusal."""
         if self.path is not None:
             raise InvalidArgument("UpdateWeights got a second header; a push has one, first")
         if digest not in DIGESTS:
             raise InvalidArgument(f"header.digest must be one of {sorted(DIGESTS)}, got {digest!r}")
-        self.total = check_header(version, tensors, full, served=self.served, current_version=self.current_version,
-                                  max_bytes=self.max_bytes)
+        self.push = PushHeader(version, list(tensors), full, digest, delta_base, base_digest, image_digest,
+                               segments or 1, stage_only, keep_previous)
+        try:
+            self.total = check_header(version, tensors, full, served=self.served, current_version=self.current_version,
+                                      max_bytes=self.max_bytes, header=self.push, image_digest=self.image_digest,
+                                      highest_version=self.highest_version)
+        except FailedPrecondition as e:
+            if not relay:
+                raise
+            self.refusal = e
+            self.total = sum(t.payload for t in tensors)
         self.version, self.tensors, self.full, self.digest = version, list(tensors), full, digest
         self._hash = DIGESTS[digest]()
         try:
@@ -294,9 +386,10 @@ class PushSession:
             self._file.close()
         sources, offset = [], 0
         for t in self.tensors:
-            sources.append(TensorSource(t.name, "raw", self.path, offset, t.dtype, tuple(t.shape)))
-            offset += t.nbytes
-        self._staged = StagedWeights(self.version, self.full, self.path, sources, self.total)
+            sources.append(TensorSource(t.name, "delta" if self.push.delta else "raw", self.path, offset, t.dtype,
+                                        tuple(t.shape)))
+            offset += t.payload
+        self._staged = StagedWeights(self.version, self.full, self.path, sources, self.total, header=self.push)
 
     def empty_message(self) -> None:
         """A message that sets none of header, chunk and commit."""
@@ -315,6 +408,8 @@ class PushSession:
         if self._staged is None:
             what = "no header" if self.path is None else f"{self.received} of {self.total} bytes and no commit"
             raise InvalidArgument(f"UpdateWeights stream ended after {what}; nothing was applied")
+        if self.refusal is not None:
+            raise self.refusal
         self._owns_file = False
         return self._staged
 
@@ -342,3 +437,69 @@ class PushSession:
         return ResourceExhausted(f"the staging directory {self.staging.directory} is full ({os.strerror(e.errno)}) "
                                  f"after {self.received} of {self.total} bytes; nothing was applied (free room "
                                  f"there or point --staging-dir at a larger one)")
+
+
+# ---- after staging: one push waits for its commit ---------------------------------------------
+
+@dataclasses.dataclass
+class StagedImage:
+    """A verified push made into image changes, ready to commit: where each tensor it touched
+    now is, their segment digests and the image digest they give."""
+    version: int
+    base_version: int  # the version served when it was staged: it commits only onto that one
+    path: str  # the push's file (delta entries, then the tensors they made)
+    sources: dict[str, TensorSource]  # the tensors it touched, all kind "raw"
+    full: bool
+    nbytes: int  # payload bytes received
+    changed: int  # elements whose bits it changes
+    segments: int
+    digests: dict[str, list[bytes]]  # segment digests of the touched tensors ({} when not computed)
+    image_digest: bytes  # b"" when not computed
+    keep_previous: bool
+    transfer_seconds: float = 0.0
+    stage_seconds: float = 0.0
+    staged_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class StagedSlot:
+    """The one staged push a replica holds between UpdateWeights (stage_only) and its commit.
+    A new push drops the one before; one older than `timeout_s` is dropped when next looked at
+    (a trainer that died must not pin a model-sized file for ever). Whatever it drops is
+    handed back to the caller, who owns its file."""
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self._staged: StagedImage | None = None
+
+    def put(self, image: StagedImage) -> StagedImage | None:
+        dropped, self._staged = self._staged, image
+        return dropped
+
+    def expired(self) -> StagedImage | None:
+        if self._staged is not None and time.monotonic() - self._staged.staged_at > self.timeout_s:
+            dropped, self._staged = self._staged, None
+            return dropped
+        return None
+
+    @property
+    def version(self) -> int:
+        return self._staged.version if self._staged is not None else 0
+
+    @property
+    def held(self) -> StagedImage | None:
+        return self._staged
+
+    def take(self, version: int) -> StagedImage:
+        """The staged push of `version`, no longer staged; FailedPrecondition when there is none."""
+        if self._staged is None or self._staged.version != version:
+            held = f"version {self._staged.version} is staged" if self._staged else "nothing is staged"
+            raise FailedPrecondition(f"no push staged for version {version} ({held}; a staged push is dropped by a "
+                                     f"later push, by AbortWeights and after --stage-timeout-s {self.timeout_s:g} s)")
+        image, self._staged = self._staged, None
+        return image
+
+    def drop(self, version: int) -> StagedImage | None:
+        if self._staged is not None and self._staged.version == version:
+            image, self._staged = self._staged, None
+            return image
+        return None

@@ -1,5 +1,6 @@
-"""The push's wire format: the tables both ends share, and UpdateWeights chunks encoded
-and decoded without protobuf's copies of the payload.
+"""The push's wire format: the tables both ends share, UpdateWeights chunks encoded and
+decoded without protobuf's copies of the payload, and the arithmetic of segments, image
+digests and relay trees that a sender and every replica must do alike.
 
 A push is hundreds of megabytes of `WeightsChunk.data`. Through the generated protobuf
 classes every chunk is copied three times on each side (into the message, out of it as
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+from collections.abc import Mapping, Sequence
 
 import xxhash
 
@@ -43,15 +46,28 @@ OFFSET_FIELD = 1 << 3 | 0  # WeightsChunk.offset
 DATA_FIELD = 2 << 3 | 2  # WeightsChunk.data
 MAX_VARINT_BYTES = 9  # up to 2**63 - 1; longer ones (legal, never sent by us) go to protobuf
 
+# Delta records (policy.proto, DeltaBase): one per segment of a tensor's entry.
+UNCHANGED, RAW, SPARSE, BITMAP = 0, 1, 2, 3
+DELTA_KINDS = {UNCHANGED: "unchanged", RAW: "raw", SPARSE: "sparse", BITMAP: "bitmap"}
+RECORD_OVERHEAD = 11  # kind byte + a varint length of at most 10 bytes
+MAX_SEGMENTS = 1 << 16  # WeightsHeader.digest_segments
+# RelayPlan limits.
+MAX_RELAY_ADDRESSES, MAX_ADDRESS_BYTES, MAX_FANOUT = 1024, 256, 64
+# Metadata key of the push token (--push-token-file): pushes need it on top of the bearer token.
+PUSH_TOKEN_KEY = "rlhf-push-token"
+
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """A decoded WeightsChunk; `data` is a view into the received message."""
+    """A decoded WeightsChunk; `data` is a view into the received message, `raw` the
+    message as it came (a relay passes it on as it is)."""
     offset: int
     data: memoryview
+    raw: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """LEB128 bytes of n >= 0."""
     out = bytearray()
     while n >= 0x80:
         out.append(n & 0x7F | 0x80)
@@ -74,8 +90,8 @@ def _read_varint(buf: bytes, pos: int) -> tuple[int, int] | None:
 
 def encode_chunk(offset: int, data) -> bytes:
     """The serialized UpdateWeightsRequest{chunk: {offset, data}}; `data` is any bytes-like."""
-    head = (bytes((OFFSET_FIELD,)) + _varint(offset) if offset else b"") + bytes((DATA_FIELD,)) + _varint(len(data))
-    return b"".join((bytes((CHUNK_FIELD,)), _varint(len(head) + len(data)), head, data))
+    head = (bytes((OFFSET_FIELD,)) + varint(offset) if offset else b"") + bytes((DATA_FIELD,)) + varint(len(data))
+    return b"".join((bytes((CHUNK_FIELD,)), varint(len(head) + len(data)), head, data))
 
 
 def _fast_chunk(buf: bytes) -> Chunk | None:
@@ -101,7 +117,7 @@ def _fast_chunk(buf: bytes) -> Chunk | None:
             data, pos = memoryview(buf)[start:start + size], start + size
         else:
             return None
-    return Chunk(offset, data)
+    return Chunk(offset, data, buf)
 
 
 def decode_request(buf: bytes):
@@ -117,3 +133,62 @@ def decode_request(buf: bytes):
     if msg.WhichOneof("kind") == "chunk":
         return Chunk(msg.chunk.offset, memoryview(msg.chunk.data))
     return msg
+
+
+# ---- segments, image digests, relay trees -------------------------------------------------
+
+def segment_rows(rows: int, segments: int) -> list[tuple[int, int]]:
+    """The row range of each segment: blocks of ceil(rows / segments) rows, the last ones
+    shorter or empty, as torch.chunk (and so FSDP2) cuts dim 0 over `segments` ranks."""
+    size = max(1, math.ceil(rows / segments))
+    return [(min(i * size, rows), min((i + 1) * size, rows)) for i in range(segments)]
+
+
+def segment_elements(shape: Sequence[int], segments: int) -> list[tuple[int, int]]:
+    """The element range (C order) of each segment of a tensor of `shape`. A 0-d tensor is one
+    row of one element."""
+    rows = shape[0] if len(shape) else 1
+    row = math.prod(shape[1:]) if len(shape) else 1
+    return [(a * row, b * row) for a, b in segment_rows(rows, segments)]
+
+
+def segment_digests(data, shape: Sequence[int], element_size: int, segments: int) -> list[bytes]:
+    """XXH3-128 of each segment of a tensor's bytes (C order, served dtype)."""
+    view = memoryview(data).cast("B")
+    return [xxhash.xxh3_128(view[a * element_size:b * element_size]).digest()
+            for a, b in segment_elements(shape, segments)]
+
+
+def image_digest(digests: Mapping[str, Sequence[bytes]]) -> bytes:
+    """The digest of a whole image from each tensor's segment digests (WeightsHeader.image_digest)."""
+    h = xxhash.xxh3_128()
+    for name in sorted(digests, key=lambda n: n.encode()):
+        h.update(name.encode() + b"\0" + b"".join(digests[name]))
+    return h.digest()
+
+
+def relay_children(addresses: Sequence[str], fanout: int) -> list[tuple[str, list[str]]]:
+    """(child, the addresses it relays to) of a RelayPlan: the first `fanout` addresses are
+    the children, the rest split among them in contiguous blocks, the first ones taking one
+    more."""
+    fanout = max(1, fanout)
+    children, rest = list(addresses[:fanout]), list(addresses[fanout:])
+    out, start = [], 0
+    for i, child in enumerate(children):
+        n = len(rest) // len(children) + (i < len(rest) % len(children))
+        out.append((child, rest[start:start + n]))
+        start += n
+    return out
+
+
+def read_varint(buf, pos: int) -> tuple[int, int]:
+    """(value, next position) of the LEB128 varint at `pos`; ValueError when it runs past
+    the end or past 10 bytes."""
+    value = shift = 0
+    for i in range(pos, min(pos + 10, len(buf))):
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i + 1
+        shift += 7
+    raise ValueError(f"a varint at byte {pos} runs past the end or past 10 bytes")

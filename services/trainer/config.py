@@ -144,12 +144,32 @@ class PPOConfig(Section):
     is_cap: float = Field(2.0, ge=1)
 
 
+class CanaryConfig(Section):
+    """Each push goes to one replica first; probes compare it with the version before."""
+    enabled: bool = False
+    probes: int = Field(8, ge=1)  # the first prompts of the prompt data set, the same ones every push
+    max_tokens: int = Field(32, ge=1)  # completion length on the probes
+    max_kl: float = Field(0.1, gt=0)  # mean per-token KL(v-1 || v) on v-1's samples, nats; above: roll back, stop
+    max_score_drop: float | None = Field(1.0, gt=0)  # mean probe score may fall by at most this (None: not checked)
+
+
 class ServicesConfig(Section):
     max_staleness: int = Field(0, ge=0)  # completions this many versions behind are still used
     rpc_timeout_s: float = Field(120.0, gt=0)
     dependency_deadline_s: float = Field(300.0, gt=0)  # a dependency failing longer than this stops the run
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(10.0, gt=0)
+    # The weight path (docs/deploy.md, "Weight pushes"). delta: only the elements whose served bits
+    # changed, to replicas at the previous version (the others get a full push); full: every byte.
+    push: Literal["full", "delta"] = "delta"
+    # each: a replica serves the new version once it has it; all: every replica stages it, then all
+    # commit, or none does (all keep the version before).
+    push_commit: Literal["each", "all"] = "each"
+    push_fanout: int = Field(1, ge=1, le=64)  # replicas pass a push on to this many others: 1 = a chain
+    canary: CanaryConfig = CanaryConfig()
+    # TESTS ONLY: multiply the pushed weights by this factor, a broken update on purpose (the
+    # canary's test). Never set it in a real run.
+    push_scale: float = Field(1.0, gt=0)
 
 
 class Config(Job):

@@ -60,6 +60,7 @@ class Status:
     paused: bool
     message: str
     waiting: Waiting | None = None  # set while a dependency fails; phase is then WAITING
+    canary: object = None  # the last canary verdict (services.trainer.canary.Verdict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Control:
         self.weight_version = 0
         self.replicas: list[ReplicaStatus] = []
         self.message = ""
+        self.canary = None
         self.history: list[StepMetrics] = []
         self._resume = threading.Event()
         self._resume.set()
@@ -104,6 +106,10 @@ class Control:
     def set_replicas(self, replicas: list[ReplicaStatus]) -> None:
         with self._lock:
             self.replicas = list(replicas)
+
+    def set_canary(self, verdict) -> None:
+        with self._lock:
+            self.canary = verdict
 
     def record(self, metrics: StepMetrics) -> None:
         """One finished step: keep it and hand it to every WatchMetrics stream."""
@@ -181,7 +187,7 @@ class Control:
                            f"({time.time() - waiting.since:.0f} s): {waiting.message}")
             return Status(phase, self.history[-1].step if self.history else 0, self.total_steps,
                           self.weight_version, list(self.replicas), self.history[-1] if self.history else None,
-                          self.paused, message, waiting)
+                          self.paused, message, waiting, self.canary)
 
 
 @contextlib.contextmanager

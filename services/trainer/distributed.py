@@ -10,8 +10,9 @@ multi-node one:
 - sharding: `fully_shard` on every decoder layer, then on the root (ZeRO-3: a rank holds 1/N of the
   parameters, gradients and AdamW moments; one layer's full parameters exist at a time);
 - precision: bf16 compute with fp32 parameters, reductions and optimizer state where asked for;
-- the gathers: one parameter at a time for a weight push (`full_parameters`), a full state dict on
-  rank 0 for a Hugging Face export;
+- the gathers: a full state dict on rank 0 for a Hugging Face export, one parameter at a time for
+  tests (`full_parameters`); a weight push gathers nothing whole (services.trainer.image: each rank
+  encodes its own shard's changes);
 - collectives on Python objects for the small things the ranks must agree on (a step's samples,
   a stop flag, an error on one rank that all must raise).
 """
@@ -243,7 +244,8 @@ def memory_report(d: Dist, *objects) -> dict:
 
 
 def full_parameters(model: torch.nn.Module, d: Dist) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """(name, full tensor on rank 0's CPU | None elsewhere), one parameter at a time.
+    """(name, full tensor on rank 0's CPU | None elsewhere), one parameter at a time, in fp32 (tests
+    compare trained parameters with it; pushes use services.trainer.image, which gathers nothing).
 
     Every rank must run this to the end (each parameter is an all-gather). Tied parameters come
     once, under their first name (the input embedding), as the policy server expects.
@@ -252,11 +254,6 @@ def full_parameters(model: torch.nn.Module, d: Dist) -> Iterator[tuple[str, torc
         full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
         yield name, (full.to("cpu") if d.main else None)
         del full
-
-
-def parameter_shapes(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, global shape) in full_parameters order, known without gathering anything."""
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
 def export_hf(model: torch.nn.Module, tokenizer, out: pathlib.Path, d: Dist) -> None:

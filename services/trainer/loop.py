@@ -52,7 +52,9 @@ from services.trainer.ppo import (KL_ESTIMATORS, aggregate, entropy_from_logits,
                                   loss_normalizer, masked_mean, masked_whiten, per_token, policy_loss,
                                   reinforce_pp_advantages, rloo_advantages, shape_rewards, truncated_is_weights,
                                   value_loss)
-from services.trainer.rollout import Backoff, DependencyDown, PolicyReplicas, RequestRefused, Scorer, Stopped
+from services.trainer.canary import Canary, CanaryFailed
+from services.trainer.rollout import (Backoff, DependencyDown, PolicyReplicas, PushConfig, RequestRefused, Scorer,
+                                      Stopped)
 from services.trainer.state import PPOState, Prompts
 
 log = logging.getLogger(__name__)
@@ -289,7 +291,8 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
     backoff = Backoff(services.retry_initial_s, services.retry_max_s, services.dependency_deadline_s, stop,
                       on_failing=control.dependency_failing, on_recovered=control.dependency_ok)
     replicas = PolicyReplicas(config.policy_addresses, client_config, backoff, services.rpc_timeout_s, d,
-                              on_change=control.set_replicas)
+                              on_change=control.set_replicas,
+                              push=PushConfig(services.push, services.push_commit, services.push_fanout))
     scorer = Scorer(config.reward_address, client_config, backoff, services.rpc_timeout_s)
     server = None
     if server_config is not None and d.main:
@@ -297,12 +300,10 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         from services.trainer.server import TrainerServicer
         server = BackgroundServer(server_config, TrainerServicer(control)).start()
 
-    shapes = distributed.parameter_shapes(state.policy)
-    parameters = lambda: distributed.full_parameters(state.policy, d)  # noqa: E731
     on_wait = lambda message: control.dependency_failing("policy replicas", message)  # noqa: E731
 
     def sync(waits=None) -> None:
-        replicas.sync(parameters, shapes, waits, on_wait)
+        replicas.sync(waits, on_wait)
         control.dependency_ok("policy replicas")
 
     def save() -> pathlib.Path:
@@ -351,6 +352,8 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
             raise ConfigError(f"a policy replica serves weight version {version - 1}, the highest there is: "
                               f"restart it (a restarted replica serves version 0)")
         state.version = replicas.version = version
+        replicas.attach(state.policy, services.push_scale, canary(config, state, scorer, tokenizer, d))
+        replicas.on_verdict = lambda v: (control.set_canary(v), metrics.export_verdict(v))
         sync()
 
         progress = tqdm(total=config.steps, initial=state.step, desc="PPO", unit="step", dynamic_ncols=True,
@@ -382,11 +385,12 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
             state.kl_ctl.update(exp.kl.sum(-1).mean().item(), len(rollout.samples))
             with phase(seconds, Phase.PUSHING, control):
                 state.version = replicas.version = state.version + 1
-                replicas.push_all(parameters, shapes)
+                pushed = replicas.push_all()
             state.step += 1
 
             m = step_metrics(state, rollout, exp, stats, beta, seconds, time.perf_counter() - step_start,
                              replicas.resyncs)
+            m.push = pushed.as_dict() if pushed is not None else {}
             state.history.append(m)
             if d.main:
                 control.record(m)
@@ -418,7 +422,7 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         save()
         control.finish(Phase.FAILED, "stopped by signal")
         return state.history
-    except (DependencyDown, RequestRefused) as e:
+    except (DependencyDown, RequestRefused, CanaryFailed) as e:
         log.error("stopping: %s; checkpoint at step %d in %s", e, state.step, out)
         abandon(pending)
         save()
@@ -433,6 +437,15 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         scorer.close()
         if server:
             server.stop()
+
+
+def canary(config: Config, state: PPOState, scorer: Scorer, tokenizer, d: Dist) -> Canary | None:
+    """services.canary's probes (rank 0): the first prompts of the data set, fixed for the run."""
+    if not config.services.canary.enabled or not d.main:
+        return None  # the other ranks learn from rank 0 that there is one (PolicyReplicas.attach)
+    prompts = state.prompts.prompts[:config.services.canary.probes]
+    ids = [tokenizer(formats.render_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    return Canary(config.services.canary, prompts, ids, scorer.score, config.ppo.normalize_scores)
 
 
 def main(args) -> int:

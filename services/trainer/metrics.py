@@ -51,6 +51,7 @@ class StepMetrics:
     # them first (two or more: the reward service swapped its model while the step was scored)
     completions_rescored: int = 0  # scored again by reward_version: another version had scored them
     completions_dropped_reward_version: int = 0  # left out: the reward model kept changing while they were rescored
+    push: dict[str, float] = dataclasses.field(default_factory=dict)  # the step's weight push (push.PushStats)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -91,6 +92,22 @@ REWARD_VERSION = Gauge("rlhf_trainer_reward_model_info", "1 for the reward model
                        ["model_version"])
 RESYNCS = Counter("rlhf_trainer_replica_resyncs_total", "Pushes made to bring a restarted or stale replica back.")
 PUSHES = Counter("rlhf_trainer_weight_pushes_total", "Weight pushes to one replica, by result.", ["result"])
+PUSH_WIRE_BYTES = Counter("rlhf_trainer_push_wire_bytes_total", "Bytes the trainer sent pushing weights (its egress).")
+PUSH_PAYLOAD_BYTES = Counter("rlhf_trainer_push_payload_bytes_total", "Payload bytes of the weight pushes (tensor "
+                             "bytes or delta entries).")
+PUSH_CHANGED_SHARE = Gauge("rlhf_trainer_push_changed_share", "Share of the weight elements whose served bits the "
+                           "last push changed.")
+PUSH_PHASE_SECONDS = Histogram("rlhf_trainer_push_phase_seconds", "Seconds of a weight push by phase (gather, "
+                               "encode, send, stage, apply, commit).", ["phase"],
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+PUSH_SECONDS = Histogram("rlhf_trainer_push_to_all_seconds", "Seconds from a push's first byte to every replica's "
+                         "answer (and the commit).", buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
+PUSH_PAYLOAD_RATE = Gauge("rlhf_trainer_push_payload_bytes_per_second", "Payload bytes per second of the last push's "
+                          "streams (compare with loopback or link bandwidth: bench/policy.py).")
+CANARY_VERDICTS = Counter("rlhf_trainer_canary_verdicts_total", "Canary verdicts on pushed versions.", ["verdict"])
+CANARY_KL = Gauge("rlhf_trainer_canary_kl", "Mean per-token KL(v-1 || v) on the canary's probes, last verdict.")
+CANARY_SCORE = Gauge("rlhf_trainer_canary_score", "Mean probe score on the canary, last verdict: before and after "
+                     "the push.", ["when"])
 
 
 def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
@@ -115,6 +132,24 @@ def export(m: StepMetrics, replicas_in_sync: int, new_resyncs: int) -> None:
     REWARD_VERSION.clear()
     REWARD_VERSION.labels(m.reward_version).set(1)
     RESYNCS.inc(new_resyncs)
+    if m.push:
+        PUSH_WIRE_BYTES.inc(m.push["wire_bytes"])
+        PUSH_PAYLOAD_BYTES.inc(m.push["payload_bytes"])
+        PUSH_CHANGED_SHARE.set(m.push["changed_share"])
+        PUSH_SECONDS.observe(m.push["to_all_seconds"])
+        for phase in ("gather", "encode", "send", "stage", "apply", "commit"):
+            PUSH_PHASE_SECONDS.labels(phase).observe(m.push[f"{phase}_seconds"])
+        if m.push["to_all_seconds"] > 0:
+            PUSH_PAYLOAD_RATE.set(m.push["payload_bytes"] / m.push["to_all_seconds"])
+
+
+def export_verdict(v) -> None:
+    """A canary verdict (services.trainer.canary.Verdict)."""
+    CANARY_VERDICTS.labels("pass" if v.passed else "fail").inc()
+    if v.kl == v.kl:  # not NaN: the canary could be probed
+        CANARY_KL.set(v.kl)
+        CANARY_SCORE.labels("before").set(v.score_before)
+        CANARY_SCORE.labels("after").set(v.score_after)
 
 
 def append_jsonl(path: pathlib.Path, m: StepMetrics) -> None:

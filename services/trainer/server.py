@@ -26,13 +26,21 @@ def step_metrics(m: StepMetrics) -> trainer_pb2.StepMetrics:
         beta=m.beta, tokens_per_second=m.tokens_per_second, phase_seconds=m.phase_seconds,
         extra={**{key: float(getattr(m, key)) for key in EXTRA},
                **{f"reward_{name}": value for name, value in m.reward_components.items()},
-               **{f"reward_scored_by_{version}": float(n) for version, n in m.reward_versions.items()}},
+               **{f"reward_scored_by_{version}": float(n) for version, n in m.reward_versions.items()},
+               **{f"push_{name}": value for name, value in m.push.items()}},
         time=_timestamp(m.time), reward_model_version=m.reward_version)
 
 
 def replica_status(r: ReplicaStatus) -> trainer_pb2.ReplicaStatus:
     return trainer_pb2.ReplicaStatus(address=r.address, instance_id=r.instance_id, weight_version=r.weight_version,
                                      in_sync=r.in_sync, available=r.available)
+
+
+def canary_verdict(v) -> trainer_pb2.CanaryVerdict:
+    return trainer_pb2.CanaryVerdict(
+        version=v.version, replica=v.replica, passed=v.passed, kl=v.kl, score_before=v.score_before,
+        score_after=v.score_after, message=v.message,
+        time=timestamp_pb2.Timestamp(seconds=int(v.time), nanos=int(v.time % 1 * 1e9)))
 
 
 def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
@@ -42,7 +50,8 @@ def trainer_status(s: Status) -> trainer_pb2.TrainerStatus:
         last_metrics=step_metrics(s.last) if s.last else None, paused=s.paused, message=s.message,
         waiting_for=s.waiting.dependency if s.waiting else "",
         waiting_since=_timestamp(s.waiting.since) if s.waiting else None,
-        reward_model_version=s.last.reward_version if s.last else "")
+        reward_model_version=s.last.reward_version if s.last else "",
+        canary=canary_verdict(s.canary) if s.canary else None)
 
 
 def _timestamp(t: float) -> timestamp_pb2.Timestamp:

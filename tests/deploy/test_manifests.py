@@ -510,6 +510,30 @@ def test_no_token_is_committed(stage):
             assert not any(e["name"] == "RLHF_AUTH_TOKEN" and "value" in e for e in c.get("env", [])), c["name"]
 
 
+def test_only_the_trainer_and_the_replicas_hold_the_push_token(stage):
+    """Weight pushes need a second token (--push-token-file), key `push-token` of the same
+    Secret: the policy replicas require it (and send it when they relay), the trainer sends it,
+    and no other pod mounts it."""
+    name, docs = stage
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    assert re.search(r"create secret generic rlhf-auth --from-file=token=\S+ --from-file=push-token=", doc)
+    holders = set()
+    for p in pods(docs):
+        for v in p.spec["volumes"]:
+            if v.get("secret", {}).get("secretName") == "rlhf-auth" and (
+                    "items" not in v["secret"] or any(i["key"] == "push-token" for i in v["secret"]["items"])):
+                holders.add(p.owner["metadata"]["name"])
+        for c in p.containers:
+            args = command(c, p).rlhf
+            if args is None:
+                continue
+            flag = {"services.policy.main:main": "push_token_file",
+                    "services.trainer.loop:main": "client_push_token_file"}.get(args.target)
+            if flag:
+                assert getattr(args, flag) == "/var/run/secrets/rlhf/push-token", f"{name}: {p.name}/{c['name']}"
+    assert holders <= {"rlhf-policy", "rlhf-trainer"}, f"{name}: {holders} mount the push token"
+
+
 # ---------------------------------------------------------------- services and the runs' configs
 
 
@@ -664,7 +688,11 @@ def test_network_policies_admit_only_named_clients(main_stage):
         from_feedback = [peer for peer in grpc if "namespaceSelector" not in peer
                          and all(peer["podSelector"]["matchLabels"].items() <= p.labels.items() for p in feedback_pods)]
         assert bool(from_feedback) == trainer_allowed, policy_name
-        assert len(grpc) == 1 + 2 * trainer_allowed, f"{policy_name}: gRPC is open to more than the named clients"
+        # Policy replicas pass weight pushes on to each other: their own pods, in this namespace.
+        peers = [peer for peer in grpc if peer == {"podSelector": {"matchLabels": {"app.kubernetes.io/name": policy_name}}}]
+        assert bool(peers) == (policy_name == "rlhf-policy"), policy_name
+        assert len(grpc) == 1 + 2 * trainer_allowed + len(peers), \
+            f"{policy_name}: gRPC is open to more than the named clients"
     # The feedback page: the labelled clients (an ingress controller) alone.
     feedback = one(docs, "NetworkPolicy", "rlhf-feedback")
     assert allowed_sources(feedback, "http") == [

@@ -329,7 +329,9 @@ def test_dashboard_is_shipped_and_queries_exported_series():
                  "grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
                  "vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting",
                  "vllm:num_preemptions_total", "rlhf_feedback_rm_agreement_ratio",
-                 "rlhf_feedback_labeller_agreement_ratio", "rlhf_feedback_judgments_total"):
+                 "rlhf_feedback_labeller_agreement_ratio", "rlhf_feedback_judgments_total",
+                 "rlhf_trainer_push_wire_bytes_total", "rlhf_trainer_push_changed_share",
+                 "rlhf_trainer_push_phase_seconds_sum", "rlhf_trainer_canary_verdicts_total"):
         assert must in used, must
     for gone in ("rlhf_trainer_tokens_per_second", "rlhf_policy_requests_total", "rlhf_reward_requests_total"):
         assert gone not in used | set().union(*(metric_names(r["expr"]) for r in rules())), gone

@@ -24,7 +24,8 @@ def test_every_rpc_of_the_design_is_in_the_contracts():
     methods = {s.full_name: {m.name for m in s.methods}
                for f in (policy_pb2, reward_pb2, trainer_pb2) for s in f.DESCRIPTOR.services_by_name.values()}
     assert methods == {
-        "rlhf.v1.PolicyService": {"Generate", "GenerateStream", "UpdateWeights", "GetModelInfo"},
+        "rlhf.v1.PolicyService": {"Generate", "GenerateStream", "UpdateWeights", "CommitWeights", "AbortWeights",
+                                  "RollbackWeights", "GetModelInfo"},
         "rlhf.v1.RewardService": {"Score", "ScoreStream", "Compare", "GetModelInfo", "LoadModel"},
         "rlhf.v1.TrainerService": {"GetStatus", "WatchMetrics", "Pause", "Resume", "SaveCheckpoint"},
     }

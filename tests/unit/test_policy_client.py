@@ -92,9 +92,10 @@ def test_what_each_policy_module_imports():
         bad = {m for m in imported(f"services.policy.{core}") if m.split(".")[0] in ("grpc", "rlhf")
                or m.startswith("google.protobuf")}
         assert not bad, (core, sorted(bad)[:5])
-    for transport in ("client", "server", "main"):
+    for transport in ("client", "server", "main", "relay"):
         mods = imported(f"services.policy.{transport}")
         assert not mods & {"torch", "vllm", "transformers", "numpy"}, transport
     client = imported("services.policy.client")
     assert not client & {"services.policy.weights", "services.policy.engine", "services.policy.server"}
     assert "services.policy.client" not in imported("services.policy.server")
+    assert "services.policy.client" not in imported("services.policy.relay")

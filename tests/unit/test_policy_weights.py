@@ -4,6 +4,7 @@
 byte for byte."""
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -371,3 +372,135 @@ def test_tensor_bytes_without_copy_when_possible():
     assert np.frombuffer(view, dtype="<f4")[0] == 42.0
     assert bytes(tensor_bytes(t.t(), "float32")) == t.t().contiguous().numpy().tobytes()
     assert bytes(tensor_bytes(np.ones(3, dtype=np.float64), "float32")) == np.ones(3, dtype="<f4").tobytes()
+
+
+# ---- delta pushes, image digests, staged pushes -------------------------------------------
+
+NORM = SERVED["norm.weight"]
+
+
+def delta_spec(encoded: int, spec=NORM) -> TensorSpec:
+    return dataclasses.replace(spec, encoded_bytes=encoded)
+
+
+@pytest.mark.parametrize("kw,error,words", [
+    (dict(tensors=[delta_spec(4)], full=True), InvalidArgument, "header.full must be false in a delta push"),
+    (dict(tensors=[delta_spec(0)]), InvalidArgument,
+     "header.tensors[0].encoded_bytes must be in [digest_segments, nbytes + 11 x digest_segments] = [1, 27], got 0"),
+    (dict(tensors=[delta_spec(28)]), InvalidArgument, "= [1, 27], got 28"),
+    (dict(tensors=[delta_spec(3)], segments=4), InvalidArgument, "= [4, 60], got 3"),
+    (dict(tensors=[delta_spec(4)], segments=65537), InvalidArgument,
+     "header.digest_segments must be in [1, 65536], got 65537"),
+    (dict(tensors=[delta_spec(4)], image_digest=b"x" * 15), InvalidArgument,
+     "header.image_digest must be empty or 16 bytes (XXH3-128), got 15 bytes"),
+    (dict(tensors=[delta_spec(4)], base_digest=b"x" * 32), InvalidArgument,
+     "header.delta.image_digest must be empty or 16 bytes"),
+    (dict(tensors=[delta_spec(4)], delta_base=2), FailedPrecondition,
+     "header.delta.version is 2 but this replica serves version 3: a delta applies only to the version it was made "
+     "against; send a full push"),
+    (dict(tensors=[delta_spec(4)], base_digest=b"\x01" * 16), FailedPrecondition,
+     "header.delta.image_digest 0101010101010101... is not the digest of this replica's image at version 3 "
+     "(0202020202020202...): its weights are not the delta's base; send a full push"),
+    (dict(tensors=[delta_spec(4, dataclasses.replace(NORM, name="other"))]), FailedPrecondition,
+     "header.tensors[0].name 'other' is not a parameter"),
+])
+def test_delta_header_refusals(staging, kw, error, words):
+    """Each refusal names the field and its limit, with the right status; nothing is staged."""
+    tensors = kw.pop("tensors")
+    full = kw.pop("full", False)
+    s = session(staging, current=3)
+    s.image_digest = lambda segments: b"\x02" * 16
+    with pytest.raises(error) as e:
+        s.header(4, tensors, full, "xxh3_128", **{"delta_base": 3, **kw})
+    assert words in str(e.value), str(e.value)
+    assert not pushes(staging.directory)
+
+
+def test_encoded_bytes_belong_to_delta_pushes(staging):
+    with pytest.raises(InvalidArgument, match=r"header.tensors\[0\].encoded_bytes is for delta pushes .* got 4"):
+        started(staging, tensors=[delta_spec(4)], full=False)
+
+
+def test_versions_stay_above_the_highest_served_after_a_rollback(staging):
+    s = PushSession(staging, served=SERVED, current_version=4, max_bytes=1 << 20, highest_version=5)
+    with pytest.raises(FailedPrecondition, match="must be greater than 5, the highest version this replica has served"):
+        s.header(5, [NORM], False, "xxh3_128")
+    s.header(6, [NORM], False, "xxh3_128")
+    s.close()
+
+
+def test_a_delta_stages_its_entries_and_names_its_base(staging):
+    s = session(staging, current=3)
+    s.image_digest = lambda segments: b"\x02" * 16
+    s.header(4, [delta_spec(5)], False, "xxh3_128", delta_base=3, base_digest=b"\x02" * 16, image_digest=b"\x03" * 16,
+             segments=1, stage_only=True, keep_previous=True)
+    entry = b"\x02\x03\x01\x00\x02"  # SPARSE, 3 bytes: k=1, gap 0, step +1
+    s.chunk(0, entry)
+    s.commit(xxhash.xxh3_128(entry).digest())
+    staged = s.end()
+    assert [(x.name, x.kind, x.offset) for x in staged.sources] == [("norm.weight", "delta", 0)]
+    h = staged.header
+    assert (h.delta_base, h.base_digest, h.image_digest, h.stage_only, h.keep_previous) == (
+        3, b"\x02" * 16, b"\x03" * 16, True, True)
+
+
+def test_a_refusal_of_a_relayed_push_is_held_until_the_end(staging):
+    """A replica not at a delta's base still receives and stages the push (it passes it on to
+    the replicas after it); end() then gives its own refusal."""
+    s = session(staging, current=3)
+    s.header(4, [delta_spec(5)], False, "xxh3_128", delta_base=2, relay=True)
+    entry = b"\x02\x03\x01\x00\x02"
+    s.chunk(0, entry)
+    s.commit(xxhash.xxh3_128(entry).digest())
+    assert pathlib.Path(s.path).read_bytes() == entry  # there to be replayed
+    with pytest.raises(FailedPrecondition, match="header.delta.version is 2 but this replica serves version 3"):
+        s.end()
+    s.close()
+    assert staging.spare == s.path
+
+
+def test_the_staged_slot_holds_one_push_until_its_commit(monkeypatch):
+    from services.policy import weights as w
+
+    def image(version):
+        return w.StagedImage(version, version - 1, f"/p{version}", {}, True, 0, 0, 1, {}, b"", False)
+
+    slot = w.StagedSlot(timeout_s=10)
+    assert slot.put(image(4)) is None and slot.version == 4
+    dropped = slot.put(image(5))  # a later push replaces it: the caller owns the one dropped
+    assert dropped.version == 4 and slot.version == 5
+    with pytest.raises(FailedPrecondition, match=r"no push staged for version 4 \(version 5 is staged; a staged push "
+                                                 r"is dropped by a later push, by AbortWeights and after "
+                                                 r"--stage-timeout-s 10 s\)"):
+        slot.take(4)
+    assert slot.drop(4) is None and slot.drop(5).version == 5 and slot.version == 0
+    with pytest.raises(FailedPrecondition, match="nothing is staged"):
+        slot.take(5)
+    slot.put(image(6))
+    now = w.time.monotonic()
+    monkeypatch.setattr(w.time, "monotonic", lambda: now + 11)
+    assert slot.expired().version == 6 and slot.version == 0
+
+
+def test_recycling_the_spare_twice_keeps_it(staging):
+    fd, path = staging.create()
+    os.close(fd)
+    staging.recycle(path)
+    staging.recycle(path)
+    assert pathlib.Path(path).exists() and staging.spare == path
+
+
+@pytest.mark.parametrize("plan,words", [
+    (dict(addresses=[f"h{i}:1" for i in range(1025)]), "header.relay.addresses holds at most 1024, got 1025"),
+    (dict(addresses=["a:1", ""]), "header.relay.addresses[1] must be non-empty and at most 256 bytes, got 0 bytes"),
+    (dict(addresses=["x" * 257]), "header.relay.addresses[0] must be non-empty and at most 256 bytes, got 257 bytes"),
+    (dict(addresses=["a:1", "b:1", "a:1"]), "header.relay.addresses must not repeat an address"),
+    (dict(addresses=["a:1"], fanout=65), "header.relay.fanout must be in [1, 64] (0 means 1), got 65"),
+])
+def test_relay_plan_refusals(plan, words):
+    from services.policy.server import _check_relay
+
+    with pytest.raises(InvalidArgument) as e:
+        _check_relay(policy_pb2.RelayPlan(**plan))
+    assert words in str(e.value)
+    _check_relay(policy_pb2.RelayPlan(addresses=["a:1", "b:1"], fanout=64))  # within the limits

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from rlhf.v1 import policy_pb2
 from services.policy.wire import (CHUNK_FIELD, DATA_FIELD, DIGEST_ENUM, DIGEST_NAME, DIGESTS, DTYPE_ENUM, DTYPE_NAME,
-                                  ELEMENT_SIZE, FINISH_ENUM, FINISH_NAME, OFFSET_FIELD, Chunk, _varint, decode_request,
+                                  ELEMENT_SIZE, FINISH_ENUM, FINISH_NAME, OFFSET_FIELD, Chunk, varint, decode_request,
                                   encode_chunk)
 
 Request = policy_pb2.UpdateWeightsRequest
@@ -73,8 +73,8 @@ def assert_agrees_with_protobuf(buf: bytes) -> None:
 def _field():
     """Fields of a WeightsChunk as they may come: offsets of any size (up to 10-byte
     varints), data, and other bytes (unknown fields, wrong wire types, junk)."""
-    offset = st.integers(0, 2**64 - 1).map(lambda n: bytes((OFFSET_FIELD,)) + _varint(n))
-    data = st.binary(max_size=40).map(lambda d: bytes((DATA_FIELD,)) + _varint(len(d)) + d)
+    offset = st.integers(0, 2**64 - 1).map(lambda n: bytes((OFFSET_FIELD,)) + varint(n))
+    data = st.binary(max_size=40).map(lambda d: bytes((DATA_FIELD,)) + varint(len(d)) + d)
     return st.one_of(offset, data, st.binary(min_size=1, max_size=6))
 
 
@@ -90,7 +90,7 @@ def _mangled(buf: bytes):
 
 
 _inner = st.lists(_field(), max_size=4).map(b"".join)
-_chunks = _inner.map(lambda inner: bytes((CHUNK_FIELD,)) + _varint(len(inner)) + inner)
+_chunks = _inner.map(lambda inner: bytes((CHUNK_FIELD,)) + varint(len(inner)) + inner)
 
 
 @settings(max_examples=1500, deadline=None)

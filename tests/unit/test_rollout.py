@@ -37,7 +37,7 @@ class Client:
         self.version, self.code, self.calls = version, code, []
 
     def model_info(self, timeout=None):
-        return types.SimpleNamespace(instance_id="instance", weight_version=self.version)
+        return types.SimpleNamespace(instance_id="instance", weight_version=self.version, dtype="float32")
 
     def generate(self, prompts, **kwargs):
         self.calls.append(time.monotonic())
@@ -59,7 +59,7 @@ def replicas_of(clients: dict[str, Client], backoff: Backoff) -> PolicyReplicas:
 
 
 def sync_of(replicas: PolicyReplicas):
-    return lambda waits: replicas.sync(lambda: iter(()), [], waits)
+    return lambda waits: replicas.sync(waits)
 
 
 def test_a_replica_failing_every_generate_is_retried_with_backoff_until_the_deadline():
@@ -147,3 +147,50 @@ def test_the_longest_wait_is_shown_and_a_finished_run_is_not_waiting():
     assert control.snapshot().waiting.dependency == "reward service"
     control.finish(Phase.FAILED, "reward service failing for 300 s")
     assert control.snapshot().phase == Phase.FAILED
+
+
+class BlockingClient(Client):
+    """A replica whose Generate waits until the test lets it go; it records a use after close()."""
+
+    def __init__(self, version: int):
+        super().__init__(version)
+        self.entered, self.release, self.closed, self.used_closed = threading.Event(), threading.Event(), False, False
+
+    def generate(self, prompts, **kwargs):
+        self.entered.set()
+        self.release.wait(10)
+        self.used_closed |= self.closed
+        return super().generate(prompts, **kwargs)
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_replica_leaving_the_dns_answer_is_closed_only_after_its_generate(monkeypatch):
+    """issue 21: a dns: address re-resolved (rank 0's refresh) while a one_step_off rollout
+    generates in the background. The set of replicas is replaced, never changed in place (the
+    background thread iterates the dict it took), and a replica that left keeps its client until
+    the Generate using it returns."""
+    from services.trainer import rollout
+
+    answers = {"hosts": ["127.0.0.1", "127.0.0.2"]}
+    monkeypatch.setattr(rollout, "expand", lambda address: [f"{h}:1" for h in answers["hosts"]])
+    a, b = BlockingClient(1), BlockingClient(1)
+    replicas = replicas_of({"127.0.0.1:1": a, "127.0.0.2:1": b}, Backoff(initial=0.05, maximum=0.4, deadline=30.0))
+    replicas.addresses = ["dns:///replicas.test:1"]
+    a.release.set()
+    before = replicas.replicas
+    results = [None] * 4
+    background = threading.Thread(target=lambda: replicas.generate([[i] for i in range(4)], {}, [0, 1, 2, 3], results))
+    background.start()
+    assert b.entered.wait(10)
+    answers["hosts"] = ["127.0.0.1"]  # b leaves the answer while its Generate runs
+    replicas.refresh()
+    assert set(replicas.replicas) == {"127.0.0.1:1"} and set(before) == {"127.0.0.1:1", "127.0.0.2:1"}
+    assert not b.closed  # still in use
+    b.release.set()
+    background.join(10)
+    assert b.closed and not b.used_closed and all(r is not None for r in results)
+    answers["hosts"] = ["127.0.0.1", "127.0.0.2"]
+    replicas.refresh()  # it comes back: a new client
+    assert replicas.replicas["127.0.0.2:1"].client is not b

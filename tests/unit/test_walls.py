@@ -35,8 +35,8 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
-         "services.trainer.state", "services.ml.head", "services.feedback.store", "services.feedback.rules",
-         "services.feedback.sampler"]
+         "services.trainer.state", "services.ml.head", "services.ml.delta", "services.trainer.image",
+         "services.feedback.store", "services.feedback.rules", "services.feedback.sampler"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
 CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin", "services.feedback.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
@@ -100,6 +100,13 @@ def test_clients_and_the_runtime_load_no_ml_when_imported():
     code = ("import sys; " + "; ".join(f"import {m}" for m in modules) +
             f"; bad = [m for m in {ML!r} if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_relay_is_transport_without_the_client():
+    """A replica passing a push on (services.policy.relay) runs in the server process: grpc and
+    the wire format, no ML, and not the service's own client (a server never imports it)."""
+    names = imports("services.policy.relay")
+    assert not sorted(n for n in names if starts(n, ML)) and not starts_any(names, "services.policy.client")
 
 
 @pytest.mark.parametrize("server, client", [("services.policy.server", "services.policy.client"),
@@ -182,7 +189,8 @@ def message_fields_named(path: pathlib.Path) -> list[tuple[int, str, str]]:
     return found
 
 
-@pytest.mark.parametrize("module", ["services.policy.server", "services.policy.client", "services.reward.server",
+@pytest.mark.parametrize("module", ["services.policy.server", "services.policy.client", "services.policy.relay",
+                                    "services.trainer.push", "services.reward.server",
                                     "services.reward.client", "services.trainer.server"])
 def test_every_field_a_message_is_built_with_is_in_the_contract(module):
     unknown = message_fields_named(module_file(module))
