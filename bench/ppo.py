@@ -144,6 +144,9 @@ def main() -> int:
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64, help="completions per step (over all ranks)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--compare", metavar="REF", help="this tree's step against the git ref REF's, in alternating "
+                        "runs (bench/ppo_compare.py); one epoch, one minibatch of --batch")
+    parser.add_argument("--pairs", type=int, default=3, help="with --compare: alternating pairs of runs (>= 3)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -159,6 +162,12 @@ def main() -> int:
     build_model("policy", models / "sft", **size)
     build_model("reward", models / "reward", **size)
     data = write_demo_data(work / "data", num_sft=10, num_prefs=10, num_prompts=2000)
+    if args.compare:
+        import ppo_compare  # bench/ppo_compare.py, next to this script
+
+        result = ppo_compare.compare(args, work, models, data["prompts"])
+        print(json.dumps(result, indent=2)) if args.json else ppo_compare.print_compare(result, args)
+        return 0
 
     def server(kind: str, i: int, pinned: bool):
         """A policy or reward server; pinned: on CPU 0 with one torch thread (the trainer gets CPU 1)."""

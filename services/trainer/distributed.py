@@ -279,8 +279,17 @@ def export_hf(model: torch.nn.Module, tokenizer, out: pathlib.Path, d: Dist) -> 
 
 
 # ---- agreeing on things ----------------------------------------------------------------------
+#
+# In a group of one every collective is the identity, and it is skipped: gloo runs a collective
+# on a worker thread of its own, and the tensor copies it makes there start a second OpenMP
+# thread pool in the process. libgomp then has more threads than CPUs to manage, and cuts the
+# spin-wait of *every* pool short: the training loop's OpenMP workers go to sleep between
+# parallel regions instead of spinning (thousands of context switches an update; measured with
+# bench/ppo.py --compare).
 
 def all_gather_object(obj: T) -> list[T]:
+    if dist.get_world_size() == 1:
+        return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -288,6 +297,8 @@ def all_gather_object(obj: T) -> list[T]:
 
 def broadcast_object(obj: T, d: Dist) -> T:
     """Rank 0's `obj` on every rank."""
+    if d.world_size == 1:
+        return obj
     box = [obj if d.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -295,6 +306,8 @@ def broadcast_object(obj: T, d: Dist) -> T:
 
 def all_max(flags: list[bool], d: Dist) -> list[bool]:
     """Element-wise: true on every rank where it is true on any."""
+    if d.world_size == 1:
+        return [bool(f) for f in flags]
     t = torch.tensor([int(bool(f)) for f in flags], device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
@@ -302,6 +315,8 @@ def all_max(flags: list[bool], d: Dist) -> list[bool]:
 
 def all_sum(values: list[float], d: Dist) -> list[float]:
     """Element-wise sums over the ranks, in float64 so that counts stay exact."""
+    if d.world_size == 1:
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()

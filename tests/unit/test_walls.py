@@ -31,7 +31,8 @@ SERVICES = ROOT / "services"
 CORES = ["services.policy.engine", "services.policy.worker", "services.policy.limits", "services.policy.weights",
          "services.policy.results", "services.policy.options", "services.ml.head", "services.reward.batcher",
          "services.reward.scorer", "services.reward.tokens", "services.reward.rules", "services.trainer.ppo",
-         "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
+         "services.trainer.experience", "services.trainer.logprobs", "services.trainer.distributed",
+         "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
          "services.trainer.state", "services.ml.head"]
