@@ -147,6 +147,8 @@ def main() -> int:
     parser.add_argument("--compare", metavar="REF", help="this tree's step against the git ref REF's, in alternating "
                         "runs (bench/ppo_compare.py); one epoch, one minibatch of --batch")
     parser.add_argument("--pairs", type=int, default=3, help="with --compare: alternating pairs of runs (>= 3)")
+    parser.add_argument("--threads", type=int, default=None, help="with --compare: OMP_NUM_THREADS for every process "
+                        "of both sides (1: CPU seconds count work alone, no OpenMP spin-waiting)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 

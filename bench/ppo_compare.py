@@ -50,8 +50,8 @@ def _tree(pid: int) -> list[int]:
         return []
 
 
-def _task_stats(pid: int) -> list[tuple[str, int, int, float]]:
-    """(name, voluntary, involuntary switches, CPU seconds) of each thread of a process."""
+def _task_stats(pid: int) -> list[tuple[str, int, int, float, int]]:
+    """(name, voluntary, involuntary switches, CPU seconds, thread id) of each thread of a process."""
     out = []
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -66,7 +66,7 @@ def _task_stats(pid: int) -> list[tuple[str, int, int, float]]:
         except (OSError, ValueError):
             continue  # a thread that ended meanwhile
         out.append((fields["Name"], int(fields["voluntary_ctxt_switches"]),
-                    int(fields["nonvoluntary_ctxt_switches"]), (int(stat[11]) + int(stat[12])) / CLK_TCK))
+                    int(fields["nonvoluntary_ctxt_switches"]), (int(stat[11]) + int(stat[12])) / CLK_TCK, int(tid)))
     return out
 
 
@@ -80,17 +80,32 @@ def _process_cpu(pid: int) -> float:
     return (int(stat[11]) + int(stat[12])) / CLK_TCK
 
 
-def snapshot(pids: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Per named process tree: CPU seconds, voluntary and involuntary context switches."""
+def snapshot(pids: dict[str, int]) -> dict[str, dict]:
+    """Per named process tree: CPU seconds, voluntary and involuntary context switches, and
+    (voluntary switches, CPU seconds) of each thread of its first process."""
     out = {}
     for name, pid in pids.items():
         cpu = vol = invol = 0.0
+        threads = {}
         for p in _tree(pid):
             cpu += _process_cpu(p)
-            for _, v, i, _ in _task_stats(p):
+            for _, v, i, c, tid in _task_stats(p):
                 vol, invol = vol + v, invol + i
-        out[name] = {"cpu": cpu, "voluntary": vol, "involuntary": invol}
+                if p == pid:
+                    threads[tid] = (v, c)
+        out[name] = {"cpu": cpu, "voluntary": vol, "involuntary": invol, "threads": threads}
     return out
+
+
+def compute_threads_voluntary(before: dict, after: dict, share: float = 0.05) -> int:
+    """Voluntary switches of the threads that did the work (each >= `share` of the process's CPU
+    between the snapshots): the main thread and its OpenMP workers. An OpenMP worker that sleeps
+    between parallel regions instead of spinning counts one here per region; helper threads that
+    wake on a timer (gloo's TCP loop, gRPC's pollers) do not count."""
+    total = after["cpu"] - before["cpu"]
+    busy = [tid for tid, (_, c) in after["threads"].items()
+            if c - before["threads"].get(tid, (0, 0.0))[1] >= share * max(total, 1e-9)]
+    return sum(after["threads"][t][0] - before["threads"].get(t, (0, 0.0))[0] for t in busy)
 
 
 # ---- one side's run ----------------------------------------------------------------------------
@@ -99,11 +114,12 @@ class Side:
     """A source tree whose servers and trainer are run: `python -m services.cli` with its root
     on PYTHONPATH, so that tree's `services` package is the one imported."""
 
-    def __init__(self, name: str, root: pathlib.Path):
+    def __init__(self, name: str, root: pathlib.Path, threads: int | None = None):
         self.name, self.root = name, root
+        self.extra = {"OMP_NUM_THREADS": str(threads)} if threads else {}
 
     def env(self, extra: dict | None = None) -> dict:
-        return {**os.environ, "PYTHONPATH": str(self.root), **(extra or {})}
+        return {**os.environ, "PYTHONPATH": str(self.root), **self.extra, **(extra or {})}
 
     def command(self, *args: str) -> list[str]:
         # -P: the working directory is not put first on sys.path (it would shadow PYTHONPATH's tree).
@@ -120,7 +136,7 @@ def _servers(side: Side, models: pathlib.Path, logs: pathlib.Path):
         argv = side.command("serve", kind, "--model", str(models / ("sft" if kind == "policy" else "reward")),
                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics), *extra)
         server = ChildServer(argv, port=port, service=f"rlhf.v1.{kind.capitalize()}Service", log_path=logs / f"{kind}.log",
-                             env={"PYTHONPATH": str(side.root), "VLLM_CPU_KVCACHE_SPACE": "1"})
+                             env=side.env({"VLLM_CPU_KVCACHE_SPACE": "1"}))
         servers[kind] = server
     return servers
 
@@ -162,6 +178,7 @@ def run_side(side: Side, config: dict, models: pathlib.Path, work: pathlib.Path,
         for proc in pids:
             for key in ("cpu", "voluntary", "involuntary"):
                 row[f"{proc} {key}"] = after[proc][key] - before[proc][key]
+        row["trainer voluntary, compute threads"] = compute_threads_voluntary(before["trainer"], after["trainer"])
         per_step.append(row)
     return {"steps": per_step, "threads": threads}
 
@@ -209,7 +226,7 @@ def compare(args, work: pathlib.Path, models: pathlib.Path, prompts: pathlib.Pat
     """Alternating runs of this tree and args.compare; per-pair ratios of every quantity."""
     root = pathlib.Path(__file__).resolve().parents[1]
     ref_root = worktree(args.compare, root, work)
-    sides = {"this": Side("this", root), "ref": Side(args.compare, ref_root)}
+    sides = {"this": Side("this", root, args.threads), "ref": Side(args.compare, ref_root, args.threads)}
     # Keys both trees' configs know (the trainer at 7a05011 had none of today's newer sections).
     config = dict(sft_model=str(models / "sft"), reward_model=str(models / "reward"), prompts=str(prompts), seed=0,
                   checkpoint_every=0,
@@ -225,8 +242,9 @@ def compare(args, work: pathlib.Path, models: pathlib.Path, prompts: pathlib.Pat
                 run = run_side(sides[name], config, models, work, f"{name}-{pair}", args.steps)
                 runs[name].append(run)
                 m = median_steps(run)
-                print(f"  step {m['step']:.3f} s, trainer CPU {m['trainer cpu']:.3f} s, trainer voluntary switches "
-                      f"{m['trainer voluntary']:.0f} per step", file=sys.stderr, flush=True)
+                print(f"  step {m['step']:.3f} s, trainer CPU {m['trainer cpu']:.3f} s, voluntary switches of the "
+                      f"trainer's compute threads {m['trainer voluntary, compute threads']:.0f} per step",
+                      file=sys.stderr, flush=True)
     finally:
         remove_worktree(root, ref_root)
     medians = {name: [median_steps(r) for r in rs] for name, rs in runs.items()}
@@ -242,9 +260,10 @@ def compare(args, work: pathlib.Path, models: pathlib.Path, prompts: pathlib.Pat
 
 
 def print_compare(result: dict, args) -> None:
+    threads = f", OMP_NUM_THREADS={args.threads} everywhere" if args.threads else ""
     print(f"PPO step: this tree against {result['ref']}, {args.batch} completions x {args.max_tokens} tokens, one "
-          f"epoch, one minibatch, hidden {args.hidden_size} x {args.num_layers} layers; {result['pairs']} alternating "
-          f"pairs of runs, {result['steps']} measured steps each (median per run)\n")
+          f"epoch, one minibatch, hidden {args.hidden_size} x {args.num_layers} layers{threads}; {result['pairs']} "
+          f"alternating pairs of runs, {result['steps']} measured steps each (median per run)\n")
     print(f"{'per step':32s} {'this':>10s} {result['ref']:>10s} {'ratio':>8s} {'spread over pairs':>20s}")
     for key, row in result["table"].items():
         unit = " (s)" if key in PHASES or key == "step" or key.endswith("cpu") else ""
@@ -253,5 +272,5 @@ def print_compare(result: dict, args) -> None:
     for name, threads in result["threads"].items():
         print(f"\nthreads of the trainer ({'this tree' if name == 'this' else result['ref']}) at its last step: "
               "name, voluntary / involuntary switches, CPU s (whole run)")
-        for comm, vol, invol, cpu in sorted(threads, key=lambda t: -t[3]):
+        for comm, vol, invol, cpu, _ in sorted(threads, key=lambda t: -t[3]):
             print(f"  {comm:24s} {vol:8d} {invol:8d} {cpu:8.2f}")
