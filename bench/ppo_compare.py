@@ -3,11 +3,12 @@
     python bench/ppo.py --compare 7a05011                 # 3 pairs, 6 measured steps per run
     python bench/ppo.py --compare 7a05011 --pairs 5 --steps 8
 
-REF is checked out to a temporary git worktree. Each run is one side's real processes, started
-from that side's tree: its policy and reward servers and its `rlhf train ppo` (the same YAML,
-keys both trees know), on the same models and prompts, built once by this tree. Only one
-side's processes exist at a time. Runs alternate in pairs, ABBA (this, REF, REF, this, ...),
-so a load that drifts over the run weighs on both sides alike.
+REF is checked out to a temporary git worktree. Each side runs its own real processes, started
+from its own tree: a policy and a reward server (started once, serving all of that side's runs)
+and, per run, a fresh `rlhf train ppo` (the same YAML, keys both trees know), on the same models
+and prompts, built once by this tree. Runs alternate in pairs, ABBA (this, REF, REF, this, ...),
+so a load that drifts over the run weighs on both sides alike; the idle servers of the other side
+are there for both.
 
 What a run reports, per measured step (after one warm-up step):
 - wall seconds per phase (the trainer's own timing) and of the whole step;
@@ -126,50 +127,53 @@ class Side:
         return [sys.executable, "-P", "-m", "services.cli", *args]
 
 
-def _servers(side: Side, models: pathlib.Path, logs: pathlib.Path):
+def start_servers(side: Side, models: pathlib.Path, logs: pathlib.Path) -> dict:
+    """The side's policy and reward servers, serving (vLLM's start takes minutes on a busy machine)."""
     from services.demo.launch import ChildServer, free_port
 
+    logs.mkdir(parents=True, exist_ok=True)
     servers = {}
     for kind in ("policy", "reward"):
         port, metrics = free_port(), free_port()
         extra = ["--kv-cache-gib", "1"] if kind == "policy" else []
         argv = side.command("serve", kind, "--model", str(models / ("sft" if kind == "policy" else "reward")),
                             "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics), *extra)
-        server = ChildServer(argv, port=port, service=f"rlhf.v1.{kind.capitalize()}Service", log_path=logs / f"{kind}.log",
-                             env=side.env({"VLLM_CPU_KVCACHE_SPACE": "1"}))
-        servers[kind] = server
+        servers[kind] = ChildServer(argv, port=port, service=f"rlhf.v1.{kind.capitalize()}Service",
+                                    log_path=logs / f"{kind}.log", env=side.env({"VLLM_CPU_KVCACHE_SPACE": "1"}),
+                                    ready_timeout=1200)
+    try:
+        for s in servers.values():
+            s.start()
+        for s in servers.values():
+            s.wait_ready()
+    except BaseException:
+        for s in servers.values():
+            s.kill()
+        raise
     return servers
 
 
-def run_side(side: Side, config: dict, models: pathlib.Path, work: pathlib.Path, tag: str, steps: int) -> dict:
-    """Start the side's servers, run its trainer for 1 + steps steps, stop everything. Returns the
-    trainer's per-step history and, per measured step, the CPU and context switches of each process."""
+def run_side(side: Side, servers: dict, config: dict, work: pathlib.Path, tag: str, steps: int) -> dict:
+    """The side's trainer for 1 + steps steps against its servers. Returns, per measured step, the
+    trainer's phase seconds and the CPU and context switches of each process; and the trainer's
+    threads at its last step."""
     from services.demo.launch import free_port
 
     run_dir = work / tag
     run_dir.mkdir(parents=True)
-    servers = _servers(side, models, run_dir)
-    for s in servers.values():
-        s.start()
-    try:
-        for s in servers.values():
-            s.wait_ready()
-        config = {**config, "policy_addresses": [servers["policy"].address],
-                  "reward_address": servers["reward"].address, "out": str(run_dir / "out"), "steps": 1 + steps}
-        path = run_dir / "ppo.yaml"
-        path.write_text(yaml.safe_dump(config))
-        argv = side.command("train", "ppo", "--config", str(path), "--port", str(free_port()),
-                            "--metrics-port", str(free_port()))
-        metrics = run_dir / "out" / "metrics.jsonl"
-        with open(run_dir / "trainer.log", "wb") as log:
-            trainer = subprocess.Popen(argv, env=side.env(), cwd=side.root, stdout=log, stderr=subprocess.STDOUT)
-            pids = {"trainer": trainer.pid, "policy": servers["policy"].pid, "reward": servers["reward"].pid}
-            snaps, threads = _watch(trainer, metrics, pids, 1 + steps)
-            if trainer.wait() != 0:
-                raise SystemExit(f"{side.name}: the trainer failed ({trainer.returncode}); see {run_dir / 'trainer.log'}")
-    finally:
-        for s in servers.values():
-            s.terminate()
+    config = {**config, "policy_addresses": [servers["policy"].address],
+              "reward_address": servers["reward"].address, "out": str(run_dir / "out"), "steps": 1 + steps}
+    path = run_dir / "ppo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = side.command("train", "ppo", "--config", str(path), "--port", str(free_port()),
+                        "--metrics-port", str(free_port()))
+    metrics = run_dir / "out" / "metrics.jsonl"
+    with open(run_dir / "trainer.log", "wb") as log:
+        trainer = subprocess.Popen(argv, env=side.env(), cwd=side.root, stdout=log, stderr=subprocess.STDOUT)
+        pids = {"trainer": trainer.pid, "policy": servers["policy"].pid, "reward": servers["reward"].pid}
+        snaps, threads = _watch(trainer, metrics, pids, 1 + steps)
+        if trainer.wait() != 0:
+            raise SystemExit(f"{side.name}: the trainer failed ({trainer.returncode}); see {run_dir / 'trainer.log'}")
     history = [json.loads(line) for line in metrics.read_text().splitlines()]
     per_step = []
     for h, (before, after) in zip(history[1:], zip(snaps, snaps[1:])):
@@ -234,18 +238,25 @@ def compare(args, work: pathlib.Path, models: pathlib.Path, prompts: pathlib.Pat
                   ppo=dict(epochs=1, minibatch_size=args.batch, lr=3e-5, value_lr=1e-4, beta=0.05, vf_coef=0.5,
                            missing_eos_penalty=1.0, normalize_scores=True, score_clip=5.0))
     runs: dict[str, list[dict]] = {"this": [], "ref": []}
+    servers: dict[str, dict] = {}
     try:
+        for name, side in sides.items():
+            print(f"starting the servers of {side.name} ...", file=sys.stderr, flush=True)
+            servers[name] = start_servers(side, models, work / f"servers-{name}")
         for pair in range(args.pairs):
             order = ("this", "ref") if pair % 2 == 0 else ("ref", "this")
             for name in order:
                 print(f"pair {pair + 1}/{args.pairs}: {sides[name].name} ...", file=sys.stderr, flush=True)
-                run = run_side(sides[name], config, models, work, f"{name}-{pair}", args.steps)
+                run = run_side(sides[name], servers[name], config, work, f"{name}-{pair}", args.steps)
                 runs[name].append(run)
                 m = median_steps(run)
                 print(f"  step {m['step']:.3f} s, trainer CPU {m['trainer cpu']:.3f} s, voluntary switches of the "
                       f"trainer's compute threads {m['trainer voluntary, compute threads']:.0f} per step",
                       file=sys.stderr, flush=True)
     finally:
+        for group in servers.values():
+            for s in group.values():
+                s.terminate()
         remove_worktree(root, ref_root)
     medians = {name: [median_steps(r) for r in rs] for name, rs in runs.items()}
     keys = list(medians["this"][0])

@@ -84,7 +84,8 @@ def test_nccl_watchdog_settings_are_names_torch_reads_and_never_override_the_use
     monkeypatch.setenv("NCCL_ASYNC_ERROR_HANDLING", "0")  # the older alias counts as set
     applied = distributed.set_nccl_watchdog(600)
     assert applied == {"TORCH_NCCL_ENABLE_MONITORING": "1", "TORCH_NCCL_PROPAGATE_ERROR": "1"}
-    assert os.environ["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == "42" and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
+    assert os.environ["TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC"] == "42"
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in os.environ
     monkeypatch.delenv("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC")
     monkeypatch.delenv("NCCL_ASYNC_ERROR_HANDLING")
     assert distributed.set_nccl_watchdog(900) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
