@@ -5,10 +5,14 @@ Qwen2's 151,936-token vocabulary a 4 x 1,024-token minibatch's fp32 logits are 2
 softmax as much again, and PPO reads one number per response token. Here the backbone runs as
 usual, and the head (lm_head, and the few transforms some architectures apply to its output) is
 applied only at the positions that predict a labelled token (a response token, an SFT label;
-the prompt's last position predicts the first response token), in chunks of at most
-CHUNK_ELEMENTS logits. With autograd on and more than one chunk, each chunk is recomputed in the
-backward pass (activation checkpointing), so at most one chunk of logits exists at any time;
-a single chunk is kept, as autograd would keep it anyway.
+the prompt's last position predicts the first response token), CHUNK_ELEMENTS logits at a time:
+
+- a plain nn.Linear head (tied or not) goes through _LinearLogSoftmax, a fused linear +
+  log-softmax: the forward keeps no logits, the backward recomputes each chunk's and adds the
+  head's weight gradient into one buffer, so a step holds one chunk of logits and one weight
+  gradient, as a step that never had a vocabulary would hold its weight gradient;
+- any other head (a LoRA-wrapped or quantised lm_head) is called as a module on each chunk, the
+  chunks recomputed in the backward pass (activation checkpointing) when there are several.
 
 The arithmetic per position is that of ppo.logprobs_from_logits and ppo.entropy_from_logits on
 logits.float() / temperature: the same as computing the full logits first, up to the rounding
@@ -20,6 +24,7 @@ norm, lm_head: tied or not) are gathered for it and its backward as for a forwar
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import torch
@@ -57,6 +62,44 @@ def _install(model):
     return getattr(model, _METHOD)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """What the model's own forward does to lm_head's output, then the sampling temperature:
+    logits = cap * tanh(scale * z / cap) / temperature (Cohere's logit_scale, Granite's
+    logits_scaling, Gemma 2/3's final soft-capping)."""
+    scale: float = 1.0
+    cap: float | None = None
+    temperature: float = 1.0
+
+    @classmethod
+    def of(cls, model, temperature: float) -> "_Transform":
+        config = getattr(model.config, "text_config", None) or model.config
+        scale = 1.0
+        if getattr(config, "logit_scale", None) is not None:
+            scale *= config.logit_scale
+        if getattr(config, "logits_scaling", None) is not None:
+            scale /= config.logits_scaling
+        return cls(scale, getattr(config, "final_logit_softcapping", None), temperature)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The head's raw output (any dtype) -> fp32 logits / temperature."""
+        z = z.float()
+        if self.scale != 1.0:
+            z = z * self.scale
+        if self.cap is not None:
+            z = torch.tanh(z / self.cap) * self.cap
+        return z / self.temperature
+
+    def backward(self, grad: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """d loss / d raw from d loss / d (the transformed logits), in place on grad."""
+        grad /= self.temperature
+        if self.cap is not None:
+            grad *= 1 - torch.tanh(raw.float() * self.scale / self.cap) ** 2
+        if self.scale != 1.0:
+            grad *= self.scale
+        return grad
+
+
 def _forward(model, input_ids, attention_mask, position_ids, labels, temperature, entropy, entropy_grad,
              chunk_elements):
     head = model.get_output_embeddings()
@@ -65,45 +108,108 @@ def _forward(model, input_ids, attention_mask, position_ids, labels, temperature
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids).last_hidden_state
     scored = labels[:, 1:] != IGNORE_INDEX  # position t predicts token t + 1
-    targets = labels[:, 1:][scored]
+    hidden, targets = hidden[:, :-1][scored], labels[:, 1:][scored]
+    transform = _Transform.of(model, temperature)
     vocab = head.weight.shape[0] if hasattr(head, "weight") else model.config.vocab_size
-    logprobs, entropies = _chunked(lambda h: _logits(model, head, h), hidden[:, :-1][scored], targets,
-                                   temperature, (entropy, entropy_grad), max(1, chunk_elements // vocab))
+    size = max(1, chunk_elements // vocab)
+    if type(head) is torch.nn.Linear:
+        logprobs, entropies = _LinearLogSoftmax.apply(hidden, head.weight, head.bias, targets, transform, size,
+                                                      entropy, entropy_grad)
+    else:
+        logprobs, entropies = _module_chunks(head, hidden, targets, transform, size, entropy, entropy_grad)
     return _place(logprobs, scored), (_place(entropies, scored) if entropy else None)
 
 
-def _logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
-    """What the model's own forward makes of the head's output: lm_head, then the scaling or
-    soft-capping its architecture applies (Cohere, Granite, Gemma 2/3)."""
-    config = getattr(model.config, "text_config", None) or model.config
-    logits = head(hidden)
-    if getattr(config, "logit_scale", None) is not None:
-        logits = logits * config.logit_scale
-    if getattr(config, "logits_scaling", None) is not None:
-        logits = logits / config.logits_scaling
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear computes in here: autocast's, else the weight's (FSDP's param_dtype)."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
-def _chunk(logits_of, hidden, targets, temperature, entropy):
-    logits = logits_of(hidden).float() / temperature
+class _LinearLogSoftmax(torch.autograd.Function):
+    """Fused chunks of linear + log-softmax (+ entropy) over [N, H] hidden states, [N] each.
+
+    Gradients, per position with z the transformed logits, p = softmax(z), y the label:
+        d log p_y / d z = onehot(y) - p
+        d H / d z       = -p * (z - logsumexp(z) + H)
+    then through the transform to the head's output, and to hidden (grad @ W) and the weight
+    (grad^T @ hidden, added chunk by chunk into one fp32 buffer)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, transform: _Transform, size: int, entropy: bool,
+                entropy_grad: bool):
+        dtype = _compute_dtype(weight)
+        w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+        logprobs = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        entropies = torch.zeros_like(logprobs)
+        for i in range(0, len(targets), size):
+            z = transform(torch.nn.functional.linear(hidden[i:i + size].to(dtype), w, b))
+            logprobs[i:i + size] = logprobs_from_logits(z, targets[i:i + size])
+            if entropy:
+                entropies[i:i + size] = entropy_from_logits(z)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.transform, ctx.size, ctx.dtype, ctx.entropy_grad = transform, size, dtype, entropy and entropy_grad
+        if not ctx.entropy_grad:
+            ctx.mark_non_differentiable(entropies)
+        return logprobs, entropies
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropies):
+        hidden, weight, bias, targets = ctx.saved_tensors
+        transform, size, dtype = ctx.transform, ctx.size, ctx.dtype
+        w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) \
+            if want_bias and bias is not None else None
+        for i in range(0, len(targets), size):
+            h = hidden[i:i + size].to(dtype)
+            raw = torch.nn.functional.linear(h, w, b)
+            z = transform(raw)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            p = torch.exp(z - lse)
+            g = grad_logprobs[i:i + size, None] if grad_logprobs is not None else torch.zeros_like(lse)
+            grad = p * -g
+            grad.scatter_add_(-1, targets[i:i + size, None], g)
+            if ctx.entropy_grad and grad_entropies is not None:
+                entropy = lse - (p * z).sum(-1, keepdim=True)
+                grad -= grad_entropies[i:i + size, None] * p * (z - lse + entropy)
+            del z, p
+            grad = transform.backward(grad, raw).to(dtype)
+            del raw
+            if grad_hidden is not None:
+                grad_hidden[i:i + size] = grad @ w
+            if grad_weight is not None:
+                if dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)
+                else:
+                    grad_weight.add_(grad.T @ h)  # a compute-dtype product, summed in fp32
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(0))
+        return (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None,
+                grad_bias.to(bias.dtype) if grad_bias is not None else None, None, None, None, None, None)
+
+
+def _module_chunk(head, hidden, targets, transform, entropy, entropy_grad):
+    logits = transform(head(hidden))
     logprobs = logprobs_from_logits(logits, targets)
-    wanted, trained = entropy
-    if not wanted:
+    if not entropy:
         return logprobs, torch.zeros_like(logprobs)
-    with torch.set_grad_enabled(torch.is_grad_enabled() and trained):  # else autograd would keep the softmax
+    with torch.set_grad_enabled(torch.is_grad_enabled() and entropy_grad):  # else autograd would keep the softmax
         return logprobs, entropy_from_logits(logits)
 
 
-def _chunked(logits_of, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-             entropy: tuple[bool, bool], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """_chunk over [N, H] hidden states, `size` positions at a time: [N] each."""
+def _module_chunks(head, hidden, targets, transform, size, entropy, entropy_grad):
+    """Any head, called as a module on `size` positions at a time; recomputed in the backward
+    pass when there are several chunks (at most one chunk's logits exist then)."""
     chunks = [(hidden[i:i + size], targets[i:i + size]) for i in range(0, max(len(targets), 1), size)]
     recompute = torch.is_grad_enabled() and hidden.requires_grad and len(chunks) > 1
-    parts = [torch.utils.checkpoint.checkpoint(_chunk, logits_of, h, y, temperature, entropy, use_reentrant=False)
-             if recompute else _chunk(logits_of, h, y, temperature, entropy) for h, y in chunks]
+    parts = [torch.utils.checkpoint.checkpoint(_module_chunk, head, h, y, transform, entropy, entropy_grad,
+                                               use_reentrant=False)
+             if recompute else _module_chunk(head, h, y, transform, entropy, entropy_grad) for h, y in chunks]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
