@@ -8,9 +8,9 @@ applied only at the positions that predict a labelled token (a response token, a
 the prompt's last position predicts the first response token), CHUNK_ELEMENTS logits at a time:
 
 - a plain nn.Linear head (tied or not) goes through _LinearLogSoftmax, a fused linear +
-  log-softmax: the forward keeps no logits, the backward recomputes each chunk's and adds the
-  head's weight gradient into one buffer, so a step holds one chunk of logits and one weight
-  gradient, as a step that never had a vocabulary would hold its weight gradient;
+  log-softmax: with several chunks the forward keeps no logits and the backward recomputes each
+  chunk's, adding the head's weight gradient into one buffer, so a step holds one chunk of
+  logits and one weight gradient (a single chunk is kept instead of recomputed);
 - any other head (a LoRA-wrapped or quantised lm_head) is called as a module on each chunk, the
   chunks recomputed in the backward pass (activation checkpointing) when there are several.
 
@@ -145,11 +145,14 @@ class _LinearLogSoftmax(torch.autograd.Function):
         logprobs = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
         entropies = torch.zeros_like(logprobs)
         for i in range(0, len(targets), size):
-            z = transform(torch.nn.functional.linear(hidden[i:i + size].to(dtype), w, b))
+            raw = torch.nn.functional.linear(hidden[i:i + size].to(dtype), w, b)
+            z = transform(raw)
             logprobs[i:i + size] = logprobs_from_logits(z, targets[i:i + size])
             if entropy:
                 entropies[i:i + size] = entropy_from_logits(z)
-        ctx.save_for_backward(hidden, weight, bias, targets)
+        # One chunk is kept for the backward pass rather than recomputed (it fits the budget).
+        kept = raw if len(targets) <= size and any(ctx.needs_input_grad[:3]) else None
+        ctx.save_for_backward(hidden, weight, bias, targets, kept)
         ctx.transform, ctx.size, ctx.dtype, ctx.entropy_grad = transform, size, dtype, entropy and entropy_grad
         if not ctx.entropy_grad:
             ctx.mark_non_differentiable(entropies)
@@ -157,7 +160,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropies):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, kept = ctx.saved_tensors
         transform, size, dtype = ctx.transform, ctx.size, ctx.dtype
         w, b = weight.to(dtype), (bias.to(dtype) if bias is not None else None)
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
@@ -167,7 +170,7 @@ class _LinearLogSoftmax(torch.autograd.Function):
             if want_bias and bias is not None else None
         for i in range(0, len(targets), size):
             h = hidden[i:i + size].to(dtype)
-            raw = torch.nn.functional.linear(h, w, b)
+            raw = kept if kept is not None else torch.nn.functional.linear(h, w, b)
             z = transform(raw)
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             p = torch.exp(z - lse)
