@@ -127,11 +127,33 @@ def summary(variant: dict) -> dict[str, float]:
     }
 
 
+def shape_steps(args) -> int:
+    """--shape: the step in-process at a real shape, this tree (and REF's with --compare)."""
+    import ppo_compare  # bench/ppo_compare.py and bench/ppo_shape.py, next to this script
+    import ppo_shape
+
+    args.batch, args.max_tokens = args.batch or 16, args.max_tokens or 192
+    args.algo = args.algo or "grpo,ppo"
+    args.dtype = "float32" if args.dtype == "auto" and args.device == "cpu" else args.dtype
+    root = pathlib.Path(__file__).resolve().parents[1]
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-ppo-shape-"))
+    sides = {"this": root}
+    if args.compare:
+        sides[args.compare] = ppo_compare.worktree(args.compare, root, work)
+    try:
+        result = ppo_shape.run_steps(args, work, sides)
+    finally:
+        if args.compare:
+            ppo_compare.remove_worktree(root, sides[args.compare])
+    print(json.dumps(result, indent=2)) if args.json else ppo_shape.print_steps(result, args)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="measured steps per variant (one more warms up)")
     parser.add_argument("--nproc", default="1", help="comma-separated rank counts to compare, e.g. 1,2")
-    parser.add_argument("--algo", default="ppo", help="comma-separated: ppo, grpo, rloo, reinforce_pp (the demo's "
+    parser.add_argument("--algo", default=None, help="comma-separated: ppo, grpo, rloo, reinforce_pp (the demo's "
                                                       "settings: the same 64 completions a step)")
     parser.add_argument("--mode", default="sync", help="comma-separated rollout modes: sync, one_step_off")
     parser.add_argument("--layout", default="shared", help="comma-separated: shared (every process on every CPU), "
@@ -142,10 +164,24 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--hidden-size", type=int, default=128, help="of the policy and value models built here")
     parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=64, help="completions per step (over all ranks)")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=None, help="completions per step, over all ranks (default 64; "
+                        "16 with --shape)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="response tokens (default 64; 192 with --shape)")
+    parser.add_argument("--compare", metavar="REF", help="this tree's step against the git ref REF's, in alternating "
+                        "runs (bench/ppo_compare.py); one epoch, one minibatch of --batch")
+    parser.add_argument("--pairs", type=int, default=3, help="with --compare: alternating pairs of runs (>= 3)")
+    parser.add_argument("--threads", type=int, default=None, help="with --compare: OMP_NUM_THREADS for every process "
+                        "of both sides (1: CPU seconds count work alone, no OpenMP spin-waiting)")
+    parser.add_argument("--shape", metavar="NAME", help="the trainer's GRPO and PPO steps at a real model's shape "
+                        "(bench/shapes/NAME.json, random weights; bench/ppo_shape.py): memory per component and time "
+                        "per phase; with --compare REF, REF's steps next to them")
+    parser.add_argument("--minibatch", type=int, default=4, help="with --shape: completions per minibatch")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="with --shape: prompt tokens")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.shape:
+        return shape_steps(args)
+    args.batch, args.max_tokens, args.algo = args.batch or 64, args.max_tokens or 64, args.algo or "ppo"
 
     from services.demo.data import write_demo_data
     from services.demo.launch import ChildServer, free_port, rlhf_command
@@ -159,6 +195,12 @@ def main() -> int:
     build_model("policy", models / "sft", **size)
     build_model("reward", models / "reward", **size)
     data = write_demo_data(work / "data", num_sft=10, num_prefs=10, num_prompts=2000)
+    if args.compare:
+        import ppo_compare  # bench/ppo_compare.py, next to this script
+
+        result = ppo_compare.compare(args, work, models, data["prompts"])
+        print(json.dumps(result, indent=2)) if args.json else ppo_compare.print_compare(result, args)
+        return 0
 
     def server(kind: str, i: int, pinned: bool):
         """A policy or reward server; pinned: on CPU 0 with one torch thread (the trainer gets CPU 1)."""

@@ -112,10 +112,11 @@ def post_all(url: str, bodies: list[bytes]) -> None:
             r.read()
 
 
-def serve(model_dir: pathlib.Path, log_dir: pathlib.Path, name: str, threads: int, *extra: str) -> ChildServer:
+def serve(model_dir: pathlib.Path, log_dir: pathlib.Path, name: str, threads: int, *extra: str,
+          device: str = "cpu") -> ChildServer:
     port = free_port()
     argv = rlhf_command("serve", "reward", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                        "--metrics-port", "0", "--device", "cpu", *extra)
+                        "--metrics-port", "0", "--device", device, *extra)
     return ChildServer(argv, port=port, service=SERVICE, env={"RLHF_AUTH_TOKEN": "", "OMP_NUM_THREADS": str(threads)},
                        log_path=log_dir / f"{name}.log", ready_timeout=300)
 
@@ -145,10 +146,10 @@ class InProcess:
     (plan_batches), so the ratio measures what the service adds, not a different padding.
     """
 
-    def __init__(self, model_dir: pathlib.Path, batch: int, max_batch_tokens: int = 16384):
+    def __init__(self, model_dir: pathlib.Path, batch: int, max_batch_tokens: int = 16384, device: str = "cpu"):
         from services.ml.head import load_reward_model
 
-        self.model, self.tok, _ = load_reward_model(str(model_dir), device="cpu")
+        self.model, self.tok, _ = load_reward_model(str(model_dir), device=device)
         self.batch, self.max_batch_tokens = batch, max_batch_tokens
         self.params = sum(p.numel() for p in self.model.parameters())
 
@@ -203,13 +204,15 @@ def percentile(xs: list[float], q: float) -> float:
 def bench_model(name: str, model_dir: pathlib.Path, log_dir: pathlib.Path, args) -> list[dict]:
     pairs = samples(args.samples)
     chunks = [pairs[i:i + args.batch] for i in range(0, len(pairs), args.batch)]
-    base = InProcess(model_dir, args.batch)
+    base = InProcess(model_dir, args.batch, device=args.device)
     label = f"{name} ({base.params / 1e6:.1f}M params)"
     rows = []
     http_port = free_port()
     bodies = openrlhf_bodies(base.tok, chunks)
-    with serve(model_dir, log_dir, f"{name}-batched", args.threads, "--http-port", str(http_port)) as fast, \
-            serve(model_dir, log_dir, f"{name}-unbatched", args.threads, "--max-batch-size", "1", "--max-wait-ms", "0") as slow, \
+    with serve(model_dir, log_dir, f"{name}-batched", args.threads, "--http-port", str(http_port),
+               device=args.device) as fast, \
+            serve(model_dir, log_dir, f"{name}-unbatched", args.threads, "--max-batch-size", "1", "--max-wait-ms", "0",
+                  device=args.device) as slow, \
             PeakRss(fast.pid) as rss, RewardClient(fast.address, ClientConfig()) as client:
         # CPU counted: this process alone for the baseline; this process (the client) + the server otherwise.
         here, service = Meter(os.getpid()), Meter(os.getpid(), fast.pid)
@@ -366,6 +369,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads, here and in the servers (OMP_NUM_THREADS); on a shared 2-core box "
                         "more threads than free cores makes every forward several times slower")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="of the servers and the in-process baseline")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     p.add_argument("--functions-only", action="store_true",
                    help="only the reward function rows (worker processes vs a thread, RE2 vs re): no model, seconds")

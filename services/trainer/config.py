@@ -32,6 +32,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# How long a rank waits for the others in one collective before the job fails. Longer than the
+# longest a rank may legitimately keep the others waiting: retrying a dependency that is down
+# (services.dependency_deadline_s, 5 minutes, plus one RPC) before every rank learns the run
+# stops (checked in Config); rank 0 writing a checkpoint's Hugging Face export. Short enough that
+# a rank that hangs ends the job in minutes, not half an hour (docs/training.md).
+COLLECTIVE_TIMEOUT_S = 600.0
+
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16"]
 
@@ -42,7 +49,7 @@ class Job(Section):
     seed: int = Field(0, ge=0)
     device: Device = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else the CPU
     dtype: DType = "auto"  # auto: bfloat16 compute on GPUs that have it, float32 elsewhere
-    collective_timeout_s: float = Field(1800.0, gt=0)  # how long a rank waits for the others in one collective
+    collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)  # seconds; see COLLECTIVE_TIMEOUT_S
 
 
 # ---- supervised jobs -------------------------------------------------------------------------
@@ -201,6 +208,11 @@ class Config(Job):
         if rollout.mode == "one_step_off" and self.services.max_staleness < 1:
             raise ValueError("rollout.mode one_step_off trains on completions one weight version old: "
                              f"services.max_staleness must be >= 1, got {self.services.max_staleness}")
+        waits = self.services.dependency_deadline_s + self.services.rpc_timeout_s
+        if self.collective_timeout_s <= waits:
+            raise ValueError(f"collective_timeout_s ({self.collective_timeout_s:g}) must exceed "
+                             f"services.dependency_deadline_s + services.rpc_timeout_s ({waits:g}): a rank retrying "
+                             "a dependency keeps the others waiting in a collective that long before all stop")
         if ppo.advantage == "gae" and not self.reward_model:
             raise ValueError("reward_model is required with ppo.advantage gae (the value model starts from it)")
         return self

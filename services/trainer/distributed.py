@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from services.trainer.config import COLLECTIVE_TIMEOUT_S
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -57,12 +59,40 @@ class Dist:
         return list(range(self.rank, n, self.world_size))
 
 
-def init(device: str = "auto", dtype: str = "auto", timeout_s: float = 1800.0) -> Dist:
+def nccl_watchdog_env(timeout_s: float) -> dict[str, tuple[str, ...] | str]:
+    """What the trainer asks of NCCL's watchdog (the names torch 2.13 reads when it creates a
+    ProcessGroupNCCL; older aliases in the key tuple, the first name the one set)."""
+    return {
+        # A collective that fails or outlasts the timeout aborts the communicators and ends the
+        # process (torch's own default, 3, ends it without the abort)...
+        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"): "1",
+        # ... and so does a watchdog that is itself stuck (in a CUDA call) for longer than this;
+        ("TORCH_NCCL_ENABLE_MONITORING",): "1",
+        ("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",): str(max(60, int(timeout_s))),
+        # one rank's NCCL error reaches the others through the store, instead of each of them
+        # waiting out its own timeout.
+        ("TORCH_NCCL_PROPAGATE_ERROR",): "1",
+    }
+
+
+def set_nccl_watchdog(timeout_s: float) -> dict[str, str]:
+    """Set nccl_watchdog_env in this process's environment where the user set none of a
+    setting's names; returns what was set."""
+    applied = {}
+    for names, value in nccl_watchdog_env(timeout_s).items():
+        if not any(name in os.environ for name in names):
+            os.environ[names[0]] = applied[names[0]] = value
+    return applied
+
+
+def init(device: str = "auto", dtype: str = "auto", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> Dist:
     """Join the process group torchrun describes in the environment, or make a group of one.
 
-    The timeout bounds how long a rank waits for the others in one collective: longer than a
-    step's slowest phase (a dependency may be retried for services.dependency_deadline_s), shorter
-    than a hung job is worth. A rank that dies is noticed at once (its sockets close), not after it.
+    `timeout_s` bounds how long a rank waits for the others in one collective. What happens when
+    a rank dies or hangs (docs/training.md, "When a rank fails"): on gloo a dead peer's sockets
+    close and the survivors' collectives fail at once, a hung one is waited for until the
+    timeout; on NCCL the watchdog (set_nccl_watchdog) ends a rank whose collective failed or
+    timed out. Either way the rank exits non-zero and torchrun stops the others.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
@@ -84,6 +114,9 @@ def init(device: str = "auto", dtype: str = "auto", timeout_s: float = 1800.0) -
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            applied = set_nccl_watchdog(timeout_s)  # read when the process group is created: before it
+            log.debug("NCCL watchdog: %s", applied or "as the environment sets it")
         if "RANK" in os.environ:  # torchrun (or the Kubeflow operator through it)
             dist.init_process_group(backend, timeout=timeout, device_id=torch_device if use_cuda else None)
         else:
@@ -276,8 +309,17 @@ def export_hf(model: torch.nn.Module, tokenizer, out: pathlib.Path, d: Dist) -> 
 
 
 # ---- agreeing on things ----------------------------------------------------------------------
+#
+# In a group of one every collective is the identity, and it is skipped: gloo runs a collective
+# on a worker thread of its own, and the tensor copies it makes there start a second OpenMP
+# thread pool in the process. libgomp then has more threads than CPUs to manage, and cuts the
+# spin-wait of *every* pool short: the training loop's OpenMP workers go to sleep between
+# parallel regions instead of spinning (thousands of context switches an update; measured with
+# bench/ppo.py --compare).
 
 def all_gather_object(obj: T) -> list[T]:
+    if dist.get_world_size() == 1:
+        return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -285,6 +327,8 @@ def all_gather_object(obj: T) -> list[T]:
 
 def broadcast_object(obj: T, d: Dist) -> T:
     """Rank 0's `obj` on every rank."""
+    if d.world_size == 1:
+        return obj
     box = [obj if d.main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -292,6 +336,8 @@ def broadcast_object(obj: T, d: Dist) -> T:
 
 def all_max(flags: list[bool], d: Dist) -> list[bool]:
     """Element-wise: true on every rank where it is true on any."""
+    if d.world_size == 1:
+        return [bool(f) for f in flags]
     t = torch.tensor([int(bool(f)) for f in flags], device=d.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(x) for x in t.tolist()]
@@ -299,6 +345,8 @@ def all_max(flags: list[bool], d: Dist) -> list[bool]:
 
 def all_sum(values: list[float], d: Dist) -> list[float]:
     """Element-wise sums over the ranks, in float64 so that counts stay exact."""
+    if d.world_size == 1:
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return t.tolist()

@@ -10,7 +10,8 @@ import dataclasses
 
 import torch
 
-from services.trainer.ppo import logprobs_from_logits
+from services.trainer.data import IGNORE_INDEX
+from services.trainer.logprobs import next_token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,12 +98,18 @@ class Experience:
     is_capped: torch.Tensor  # bool: the weight hit the cap
 
 
-def policy_forward(model, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token logprobs of the responses under `model` [B, R], and the logits they came from."""
+def policy_forward(model, batch: Batch, temperature: float, entropy: bool = False,
+                   entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token logprobs of the responses under `model` [B, R] (0 on padding), and the entropy
+    of each token's distribution when asked for (with a gradient if entropy_grad). Computed at
+    the positions that predict a response token only, never as [B, P + R, vocab] logits
+    (services.trainer.logprobs)."""
     P = batch.prompt_width
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids).logits[:, P - 1:-1].float() / temperature
-    return logprobs_from_logits(logits, batch.response_ids), logits
+    labels = torch.full_like(batch.input_ids, IGNORE_INDEX)
+    labels[:, P:] = torch.where(batch.response_mask.bool(), batch.response_ids, IGNORE_INDEX)
+    logprobs, entropies = next_token_logprobs(model, batch.input_ids, batch.attention_mask, batch.position_ids,
+                                              labels, temperature, entropy, entropy_grad)
+    return logprobs[:, P:], (entropies[:, P:] if entropies is not None else None)
 
 
 def value_forward(model, batch: Batch) -> torch.Tensor:

@@ -48,7 +48,7 @@ from services.trainer.control import Checkpoint, Control, Phase, phase
 from services.trainer.distributed import Dist
 from services.trainer.experience import Batch, Experience, Rollout, policy_forward, value_forward
 from services.trainer.metrics import StepMetrics
-from services.trainer.ppo import (KL_ESTIMATORS, aggregate, entropy_from_logits, gae, grpo_advantages,
+from services.trainer.ppo import (KL_ESTIMATORS, aggregate, gae, grpo_advantages,
                                   loss_normalizer, masked_mean, masked_whiten, per_token, policy_loss,
                                   reinforce_pp_advantages, rloo_advantages, shape_rewards, truncated_is_weights,
                                   value_loss)
@@ -147,14 +147,13 @@ def ppo_update(state: PPOState, exp: Experience, config: Config, d: Dist) -> dic
             tokens = mask[minibatch].sum()
 
             with distributed.autocast(d):
-                new_logprobs, logits = policy_forward(state.policy, local, T)
+                new_logprobs, entropy = policy_forward(state.policy, local, T, entropy=True,
+                                                       entropy_grad=cfg.ent_coef > 0)
             pg_loss, clipfrac, approx_kl = policy_loss(new_logprobs, exp.old_logprobs[rows], exp.advantages[rows],
                                                        local_mask, cfg.clip, loss_agg=cfg.loss_agg,
                                                        normalizer=normalizer,
                                                        is_weights=exp.is_weights[rows] if config.is_correction else None)
             loss = pg_loss
-            with torch.set_grad_enabled(cfg.ent_coef > 0):  # the [B, R, vocab] graph only when it is trained
-                entropy = entropy_from_logits(logits)
             if cfg.ent_coef > 0:
                 loss = loss - cfg.ent_coef * aggregate(entropy, local_mask, cfg.loss_agg, normalizer)
             kl_loss = torch.zeros(())

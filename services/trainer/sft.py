@@ -23,22 +23,22 @@ from services.trainer import data as D
 from services.trainer import distributed, formats
 from services.trainer.config import SFTConfig
 from services.trainer.distributed import Dist
+from services.trainer.logprobs import next_token_logprobs
 from services.trainer import supervised
 from services.trainer.supervised import StepResult, evaluate, fit, run_job
 
 log = logging.getLogger(__name__)
 
 
-def sft_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def sft_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+            ) -> tuple[torch.Tensor, int]:
     """(summed negative log-likelihood of the labelled tokens, their number).
 
-    Position t predicts token t+1, so logits and labels are shifted by one.
+    Position t predicts token t+1; only the positions that predict a label are scored, and never
+    as full-vocabulary logits (services.trainer.logprobs).
     """
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    n = int((labels != D.IGNORE_INDEX).sum())
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                            ignore_index=D.IGNORE_INDEX, reduction="sum")
-    return nll, n
+    logprobs, _ = next_token_logprobs(model, input_ids, attention_mask, None, labels)
+    return -logprobs.sum(), int((labels[:, 1:] != D.IGNORE_INDEX).sum())
 
 
 def _batch(examples, idx, pad_id, device):
@@ -69,12 +69,12 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
 
     def step(rows: list[int], batch_size: int) -> StepResult:
         ids, labels, attn = _batch(train, rows, pad_id, d.device)
-        nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
+        nll, n = sft_nll(model, ids, attn, labels)
         return StepResult(nll * d.world_size / (batch_size * tokens_per_example), {"nll": nll.item(), "tokens": n})
 
     def eval_forward(rows: list[int]) -> dict[str, float]:
         ids, labels, attn = _batch(evalset, rows, pad_id, d.device)
-        nll, n = sft_nll(model(input_ids=ids, attention_mask=attn).logits, labels)
+        nll, n = sft_nll(model, ids, attn, labels)
         return {"nll": nll.item(), "tokens": n}
 
     trained = fit(model, cfg, d, lengths=[len(ids) for ids, _ in train], step=step, desc="sft",

@@ -134,6 +134,15 @@ def _run(out, policy_dir, reward_dir, nproc: int, dtype: str):
     return out / f"params-update-{nproc}.pt"
 
 
+def test_logprobs_in_chunks_under_fsdp_equal_the_full_logits_tied_or_not(tied_policy_dir, tiny_policy_dir):
+    """The head runs in a method registered with FSDP (the root's embeddings, norm and lm_head are
+    gathered for it); values and gradients on two ranks equal the model's own forward
+    (tests/integration/logprobs_worker.py)."""
+    result = torchrun(2, str(ROOT / "tests" / "integration" / "logprobs_worker.py"), str(tied_policy_dir),
+                      str(tiny_policy_dir))
+    assert result.stdout.count("equal the full logits") == 2
+
+
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     from services.demo.data import write_demo_data

@@ -27,15 +27,22 @@ def reward_model(tiny_reward_dir):
     return rm.load_reward_model(tiny_reward_dir)
 
 
-def test_sft_nll_counts_only_labelled_tokens():
-    # vocab 2; logits at positions 0..2, labels at 1..3 (shifted); the prompt token 1 is -100
-    logits = torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 1.0], [9.0, -9.0]]])
-    labels = torch.tensor([[D.IGNORE_INDEX, D.IGNORE_INDEX, 1, 0]])
-    nll, n = sft_nll(logits, labels)
-    # position 1 predicts label 1 from logits [2, 0]; position 2 predicts label 0 from [0, 1]
-    expected = -(0.0 - math.log(math.exp(2) + 1)) - (0.0 - math.log(1 + math.e))
-    assert n == 2
-    assert nll.item() == pytest.approx(expected, rel=1e-6)
+def test_sft_nll_counts_only_labelled_tokens_as_cross_entropy_of_the_full_logits_did(tiny_policy_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 1]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    labels = torch.tensor([[D.IGNORE_INDEX, D.IGNORE_INDEX, 7, 8, 9, 10],
+                           [D.IGNORE_INDEX, 12, 13, 14, D.IGNORE_INDEX, D.IGNORE_INDEX]])
+    nll, n = sft_nll(model, ids, attention_mask, labels)
+    # before: every position's logits, shifted by one, cross-entropy over the labelled ones
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1].float()
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                                 ignore_index=D.IGNORE_INDEX, reduction="sum")
+    assert n == 7
+    assert nll.item() == pytest.approx(expected.item(), rel=1e-5)
+    nll.backward()
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
 
 
 def test_encode_sft_masks_the_prompt_and_ends_with_eos(tokenizer):
