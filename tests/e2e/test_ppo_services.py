@@ -218,12 +218,13 @@ def test_what_the_services_refuse_is_said_before_the_first_step(stack, tmp_path)
     """`rollout.n=100000` passed every check until the first Generate; now the trainer compares the
     config with each replica's and the reward service's limits (GetModelInfo) and exits 2."""
     out, log = tmp_path / "run", tmp_path / "trainer.log"
-    config = write_config(tmp_path / "ppo.yaml", stack, out, steps=2, rollout=dict(n=100000),
+    config = write_config(tmp_path / "ppo.yaml", stack, out, steps=2, rollout=dict(n=100000, max_tokens=600),
                           ppo=dict(advantage="grpo"))
     proc, _ = start_trainer(config, log)
     assert proc.wait(timeout=300) == 2, log.read_text()[-3000:]
     text = log.read_text()
     for replica in stack["replicas"]:
         assert f"rollout.n is 100000, above policy replica {replica.address}'s limit of 64" in text, text[-3000:]
-    assert "pairs per Score call, above the reward service's limit of 256" in text
+    assert "rollout.max_tokens 600 (+ EOS) is more than the reward model's max length" in text, text[-3000:]
+    assert "pairs per Score call" not in text  # the trainer cuts its Score calls to the service's --max-pairs
     assert not read_metrics(out)
