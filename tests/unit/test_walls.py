@@ -34,7 +34,7 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.trainer.experience", "services.trainer.distributed", "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
-         "services.trainer.state", "services.ml.head"]
+         "services.trainer.state", "services.trainer.lora", "services.ml.head"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
 CLIENTS = ["services.policy.client", "services.reward.client"]
 ML = ("torch", "vllm", "transformers", "numpy")
