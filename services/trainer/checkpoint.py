@@ -2,8 +2,8 @@
 
     out/checkpoints/step-000010/
         shards/     torch.distributed.checkpoint: the trained models and their optimizers, sharded
-        policy/     a Hugging Face directory of the policy (what a policy server loads), or with
-        adapter/    LoRA the policy's adapter in peft's format (the base is the run's sft_model)
+        policy/     a Hugging Face directory of the policy (what a policy server loads);
+        adapter/    instead of policy/ with LoRA: the policy's adapter in peft's format
         state.pt    step, weight version, schedulers, KL controller, prompt position, history
     out/checkpoints/LATEST      the name of the newest complete checkpoint
 
@@ -40,7 +40,7 @@ LATEST = "LATEST"
 
 def _trained_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """(model state, optimizer state) of what is trained: frozen parameters (a LoRA base) are left
-    out, a tied head included (torch keeps it under its second name whatever its flag)."""
+    out, a frozen tied head too (get_state_dict keeps it under its second name regardless)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer, options=_trained_options())

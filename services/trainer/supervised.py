@@ -161,5 +161,5 @@ def run_job(args: argparse.Namespace, cls: type[Supervised], train: Callable[[Su
         distributed.close()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: meta.get(k) for k in keys}))
-        print(f"saved to {cfg.out}")
+        print(f"saved to {cfg.out}" + (f", merged to {cfg.export_merged}" if cfg.export_merged else ""))
     return 0

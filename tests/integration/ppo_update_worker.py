@@ -76,15 +76,23 @@ def main() -> None:
             state.value_sched = torch.optim.lr_scheduler.LambdaLR(state.value_opt, lambda s: 1.0)
     stats, advantages = {}, None
     rollout = fixed_rollout(lora.base_of(state.policy).config.vocab_size, group=group)
-    # What a LoRA run trains is its adapters (and the value model's score head): compared as such,
-    # from their seeded start.
-    def parameters(model):
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        return ((n, t) for n, t in distributed.full_parameters(model, d) if not rank or n in trained)
+    # B starts at zero, where A's gradient is zero too: LoRA starts from a trained-looking adapter.
+    if rank:
+        for model in state.trained():
+            set_adapters(getattr(state, model), seed=7)
 
-    initial = {f"policy.{n}": t for n, t in parameters(state.policy)} if rank else None
-    if state.value is not None and rank:
-        initial |= {f"value.{n}": t for n, t in parameters(state.value)}
+    def parameters() -> dict:
+        """policy.NAME and value.NAME -> a copy of each trained parameter in full (rank 0; None
+        elsewhere): the whole models, or with LoRA their adapters and the value model's head."""
+        out = {}
+        for prefix, (model, _) in state.trained().items():
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            for n, t in distributed.full_parameters(model, d):
+                if n in trained:
+                    out[f"{prefix}.{n}"] = None if t is None else t.clone()
+        return out
+
+    initial = parameters() if rank else None
     if action == "load":
         state.load(checkpoint.latest(out), d)
     else:
@@ -95,9 +103,7 @@ def main() -> None:
     if action == "save":
         state.save(out, tokenizer=None, d=d)
     optimizer_state = full_optimizer_state(state)
-    params = {f"policy.{n}": t for n, t in parameters(state.policy)}
-    if state.value is not None:
-        params |= {f"value.{n}": t for n, t in parameters(state.value)}
+    params = parameters()
     result = {"params": params, "stats": stats, "advantages": advantages, "optimizer": optimizer_state,
               "step": state.step, "prompts": state.prompts.state_dict(), "reference": state.reference is not None}
     if rank:
@@ -105,6 +111,16 @@ def main() -> None:
     if d.main:
         torch.save(result, out / f"params-{action or 'update'}-{d.world_size}.pt")
     distributed.close()
+
+
+def set_adapters(model, seed: int) -> None:
+    """Every lora_B to N(0, 0.02) drawn from `seed`, the same full tensors on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    generator = torch.Generator().manual_seed(seed)
+    values = {name: 0.02 * torch.randn(p.shape, generator=generator)
+              for name, p in model.named_parameters() if ".lora_B." in name}
+    set_model_state_dict(model, values, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 @torch.no_grad()
