@@ -349,14 +349,16 @@ def main() -> int:
             f"peak RSS per rank vs {names[0]}": rows[name]["peak RSS per rank (MB, max)"] /
             first["peak RSS per rank (MB, max)"],
         }
-    # With --lora, each LoRA run against its full fine-tuning twin.
+    # With --lora, each LoRA run against its full fine-tuning twin (the first variant's ratios above
+    # already compare it with the first twin).
     for name in names:
         base = name.removesuffix(" lora")
         if name != base and base in rows:
-            result["ratios"].setdefault(name, {}).update({
-                f"{key} vs {base}": rows[name][key] / rows[base][key]
-                for key in ("state bytes per rank (MB, max)", "trained state per rank (MB, max)",
-                            "peak RSS per rank (MB, max)", "step (s/step)", "push (MB per push)")})
+            keys = ["trained state per rank (MB, max)", "push (MB per push)"]
+            keys += ["state bytes per rank (MB, max)", "peak RSS per rank (MB, max)",
+                     "step (s/step)"] if base != names[0] else []
+            result["ratios"].setdefault(name, {}).update(
+                {f"{key} vs {base}": rows[name][key] / rows[base][key] for key in keys})
     # Within each layout, one_step_off against sync of the same algorithm and rank count.
     for name in names:
         if "one_step_off" in name:

@@ -93,6 +93,14 @@ def wrap(model: torch.nn.Module, settings: LoRA, task: str, *, seed: int, on_met
     return wrapped
 
 
+def check_not_adapter(path, key: str) -> None:
+    """A job starts from a whole model: name the fix when `path` holds an adapter instead."""
+    path = pathlib.Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} holds a LoRA adapter, not a model; write base + adapter merged with "
+                          f"--export-merged DIR where it was trained, and start from DIR")
+
+
 def is_lora(model: torch.nn.Module | None) -> bool:
     from peft import PeftModel
     return isinstance(model, PeftModel)

@@ -73,6 +73,9 @@ class PPOState:
 
         cfg = config.ppo
         warmup = lambda s: min(1.0, (s + 1) / max(cfg.warmup_steps, 1))  # noqa: E731
+        for key in ("sft_model", "reward_model"):
+            if getattr(config, key):
+                lora.check_not_adapter(getattr(config, key), key)
         adapters = config.lora if config.lora.enabled else None
         policy = distributed.load_model(AutoModelForCausalLM, config.sft_model, d, lora=adapters, seed=config.seed)
         reference = (None if adapters else

@@ -45,6 +45,7 @@ def prepare(cfg: Supervised, d: Dist | None) -> tuple[Dist, object, int, list[di
     from services.trainer.data import split_train_eval
     from services.trainer.formats import load_rows
 
+    lora.check_not_adapter(cfg.model, "model")
     d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)

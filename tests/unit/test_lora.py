@@ -73,3 +73,11 @@ def test_merged_parameters_are_peft_merge_under_the_full_models_names(tiny_polic
         assert changed == 14  # the 7 projections of each of the 2 layers, nothing else
     finally:
         distributed.close()
+
+
+def test_an_adapter_directory_where_a_model_is_expected_names_the_fix(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="sft_model: .* holds a LoRA adapter, not a model; .*--export-merged"):
+        lora.check_not_adapter(tmp_path, "sft_model")
+    (tmp_path / "config.json").write_text("{}")  # a model with an adapter next to it is a model
+    lora.check_not_adapter(tmp_path, "sft_model")
