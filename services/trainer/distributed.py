@@ -131,7 +131,8 @@ def close() -> None:
 
 # ---- models ----------------------------------------------------------------------------------
 
-def load_model(cls, path, d: Dist, *, trainable: bool = True, **config_kwargs) -> torch.nn.Module:
+def load_model(cls, path, d: Dist, *, trainable: bool = True, lora=None, seed: int = 0,
+               **config_kwargs) -> torch.nn.Module:
     """A Hugging Face model from `path`, sharded over the ranks, on this rank's device.
 
     Only rank 0 reads the checkpoint; the others build the model with parameters on the meta
@@ -140,6 +141,8 @@ def load_model(cls, path, d: Dist, *, trainable: bool = True, **config_kwargs) -
 
     Trainable models keep fp32 parameters (the optimizer's master copy) and compute in d.dtype;
     a frozen model (the reference) is stored in d.dtype outright: it has no optimizer to feed.
+    With `lora` (a config.LoRA that is enabled) the model is a frozen base stored in d.dtype with
+    an fp32 adapter drawn from `seed` (services.trainer.lora), wrapped before it is sharded.
     Dropout is off: it would make the trainer's logprobs of a token differ between two passes.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -149,13 +152,18 @@ def load_model(cls, path, d: Dist, *, trainable: bool = True, **config_kwargs) -
     for key, value in list(vars(config).items()):
         if "dropout" in key and isinstance(value, float):
             setattr(config, key, 0.0)
-    store_dtype = torch.float32 if trainable else d.dtype
+    adapters = lora is not None and lora.enabled
+    store_dtype = torch.float32 if trainable and not adapters else d.dtype
     if d.main:
         model = cls.from_pretrained(path, config=config, dtype=store_dtype)
     else:
         with meta_parameters():
             model = cls.from_config(config, dtype=store_dtype)
     model.train(trainable).requires_grad_(trainable)
+    if adapters:
+        from services.trainer.lora import wrap
+        task = "seq_cls" if "SequenceClassification" in type(model).__name__ else "causal_lm"
+        model = wrap(model, lora, task, seed=seed, on_meta=not d.main)
     # Buffers that no checkpoint holds (rotary frequencies) were computed at construction:
     # keep them across to_empty, which leaves memory uninitialised.
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -200,6 +208,9 @@ def shard(model: torch.nn.Module, d: Dist, *, trainable: bool = True) -> torch.n
     units of their own: the value model calls them one after the other (a value per position),
     not through the root's forward, and each unit gathers its parameters in its own forward.
 
+    A model with adapters is sharded as the Hugging Face model inside peft's wrapper (the adapter
+    of a layer lives in that layer's unit); the wrapper holds no parameters of its own.
+
     A group of one keeps the plain module on its device: there is nothing to shard, and FSDP's
     per-layer copies cost 15 % of a PPO step on the demo's model for nothing. Its bf16 compute
     then comes from autocast() instead of FSDP's MixedPrecisionPolicy.
@@ -207,6 +218,10 @@ def shard(model: torch.nn.Module, d: Dist, *, trainable: bool = True) -> torch.n
     if d.world_size == 1:
         return model.to(d.device)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from services.trainer.lora import base_of
+
+    wrapper, model = model, base_of(model)
 
     mp = None
     if trainable and d.dtype != torch.float32:
@@ -224,7 +239,7 @@ def shard(model: torch.nn.Module, d: Dist, *, trainable: bool = True) -> torch.n
         fully_shard(model.base_model, **kwargs)
         fully_shard(head, **kwargs)
     fully_shard(model, **kwargs)
-    return model
+    return wrapper
 
 
 def autocast(d: Dist):
@@ -242,12 +257,12 @@ def _mesh(device_type: str, world_size: int):
 
 
 def local_bytes(*objects) -> int:
-    """Bytes this rank holds of the given models' parameters and gradients and the given
-    optimizers' state: what sharding divides by the world size."""
+    """Bytes this rank holds of the given models' (or single parameters') values and gradients
+    and the given optimizers' state: what sharding divides by the world size."""
     total = 0
     for obj in objects:
-        if isinstance(obj, torch.nn.Module):
-            for p in obj.parameters():
+        if isinstance(obj, torch.nn.Module) or torch.is_tensor(obj):
+            for p in obj.parameters() if isinstance(obj, torch.nn.Module) else [obj]:
                 local = p.to_local() if isinstance(p, DTensor) else p
                 total += local.numel() * local.element_size()
                 if p.grad is not None:
@@ -291,10 +306,17 @@ def full_parameters(model: torch.nn.Module, d: Dist) -> Iterator[tuple[str, torc
 
 def export_hf(model: torch.nn.Module, tokenizer, out: pathlib.Path, d: Dist) -> None:
     """A Hugging Face directory of `model` written by rank 0 (config, safetensors, tokenizer):
-    what a policy server loads. The full state dict is gathered to rank 0's CPU for this."""
+    what a policy server loads. The full state dict is gathered to rank 0's CPU for this.
+
+    A model with adapters (services.trainer.lora) is written as peft writes it: the adapter alone
+    (adapter_config.json + adapter_model.safetensors), which peft (`PeftModel.from_pretrained(base,
+    out)`) and vLLM (`--enable-lora --lora-modules name=out`) load; only the adapter is gathered."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from services.trainer.lora import is_lora
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                 ignore_frozen_params=is_lora(model)))
     # A tied head gathers as a tensor of its own; named_parameters() lists the tie once, and the
     # config's tie_word_embeddings rebuilds it on load.
     keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}

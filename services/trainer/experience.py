@@ -113,8 +113,10 @@ def policy_forward(model, batch: Batch, temperature: float, entropy: bool = Fals
 
 
 def value_forward(model, batch: Batch) -> torch.Tensor:
-    """V(s_t) for every response position [B, R]: the reward model's head on every hidden state."""
+    """V(s_t) for every response position [B, R]: the reward model's head on every hidden state
+    (of the Hugging Face model inside a LoRA wrapper, whose layers apply the adapter)."""
     from services.ml.head import values
+    from services.trainer.lora import base_of
 
     P = batch.prompt_width
-    return values(model, batch.input_ids, batch.attention_mask, batch.position_ids)[:, P - 1:-1]
+    return values(base_of(model), batch.input_ids, batch.attention_mask, batch.position_ids)[:, P - 1:-1]

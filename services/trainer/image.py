@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from services.ml.delta import encode_segment
 from services.policy.wire import image_digest, segment_rows
-from services.trainer import distributed
+from services.trainer import distributed, lora
 from services.trainer.distributed import Dist
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -62,7 +62,10 @@ class ServedImage:
         self.dtype = DTYPES[dtype]
         self.scale = scale  # services.push_scale: tests only
         self.segments = d.world_size
-        self.shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        # (served name, global shape, this rank's part of it): a LoRA policy's are base + adapter merged
+        self.sources = (lora.served_tensors(model) if lora.is_lora(model)
+                        else [(name, tuple(p.shape), lambda p=p: p) for name, p in model.named_parameters()])
+        self.shapes = {name: shape for name, shape, _ in self.sources}
         self.shards: dict[str, torch.Tensor] = {}
         self._mine: dict[str, bytes] = {}  # this rank's segment digest of each tensor
         self.version = 0  # the version the image is, 0 = none yet
@@ -74,11 +77,15 @@ class ServedImage:
     def _served(self, name: str, p: torch.Tensor) -> torch.Tensor:
         """This rank's shard of `p` in the served dtype, on its device, a tensor of its own."""
         local = p.detach()
+        rows = self.shapes[name][0] if self.shapes[name] else 1
+        a, b = segment_rows(rows, self.segments)[self.d.rank]
         if isinstance(p, DTensor):
             if tuple(p.placements) != (Shard(0),):
                 raise ValueError(f"{name}: pushes expect FSDP2's Shard(0) placement, got {p.placements}")
             local = p.to_local()
-            a, b = segment_rows(self.shapes[name][0], self.segments)[self.d.rank]
+        elif self.segments > 1 and local.dim() and local.shape[0] == rows:
+            local = local[a:b]  # a whole tensor (a merged Conv1D-style LoRA weight): this rank's rows
+        if self.segments > 1 and local.dim():
             if local.shape[0] != b - a:
                 raise ValueError(f"{name}: rank {self.d.rank} holds {local.shape[0]} rows, segment {self.d.rank} of "
                                  f"{self.segments} is rows [{a}, {b})")
@@ -95,7 +102,7 @@ class ServedImage:
     @torch.no_grad()
     def snapshot(self, version: int) -> None:
         """Take the model's current weights as the image of `version` (no delta)."""
-        self.shards = {name: self._served(name, p) for name, p in self.model.named_parameters()}
+        self.shards = {name: self._served(name, part()) for name, _, part in self.sources}
         self._mine = {name: self._hash(t) for name, t in self.shards.items()}
         self._finish(version)
 
@@ -115,8 +122,8 @@ class ServedImage:
             raise RuntimeError("advance() needs an image to compare with: snapshot() first")
         t0 = time.perf_counter()
         records, changed = [], 0
-        for name, p in self.model.named_parameters():
-            new = self._served(name, p)
+        for name, _, part in self.sources:
+            new = self._served(name, part())
             record, k = encode_segment(new, self.shards[name])
             if k:
                 self.shards[name] = new

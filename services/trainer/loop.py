@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 from services.common.config import ClientConfig, ServerConfig
-from services.trainer import checkpoint, distributed, formats, metrics
+from services.trainer import checkpoint, distributed, formats, lora, metrics
 from services.trainer.collect import PendingRollout, abandon, finish_rollout, launch_rollout
 from services.trainer.config import Config, ConfigError, check_fleet, dump
 from services.trainer.control import Checkpoint, Control, Phase, phase
@@ -87,8 +87,9 @@ def _make_experience(state: PPOState, rollout: Rollout, config: Config, pad_id: 
     # compare the trainer's numbers with the trainer's numbers.
     old_logprobs = distributed.gather_rows(forward_rows(lambda b: policy_forward(state.policy, b, T)[0], batch,
                                                         mine, chunk), d)
-    ref_logprobs = distributed.gather_rows(forward_rows(lambda b: policy_forward(state.reference, b, T)[0], batch,
-                                                        mine, chunk), d)
+    with state.reference_model() as reference:  # with LoRA: the policy, its adapter off
+        ref_logprobs = distributed.gather_rows(forward_rows(lambda b: policy_forward(reference, b, T)[0], batch,
+                                                            mine, chunk), d)
     mask = batch.response_mask
     values = (distributed.gather_rows(forward_rows(lambda b: value_forward(state.value, b), batch, mine, chunk), d)
               if state.value is not None else torch.zeros_like(old_logprobs))
@@ -280,9 +281,10 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         raise ConfigError(f"sft_model: the tokenizer of {config.sft_model} needs an EOS token distinct from PAD")
 
     state = PPOState.build(config, d)
-    log.info("rank %d/%d on %s, compute %s, %s: %.1f MB of trained parameters here", d.rank, d.world_size, d.device,
-             str(d.dtype).removeprefix("torch."), config.ppo.advantage,
-             distributed.local_bytes(*(model for model, _ in state.trained().values())) / 1e6)
+    log.info("rank %d/%d on %s, compute %s, %s%s: %.1f MB of models here, %.1f MB of them trained", d.rank,
+             d.world_size, d.device, str(d.dtype).removeprefix("torch."), config.ppo.advantage,
+             f", LoRA rank {config.lora.rank}" if config.lora.enabled else "",
+             distributed.local_bytes(*state.models()) / 1e6, distributed.local_bytes(*state.trained_parameters()) / 1e6)
 
     control = Control(config.steps)
     stop = threading.Event()
@@ -407,8 +409,9 @@ def train(config: Config, client_config: ClientConfig, server_config: ServerConf
         abandon(pending)
         save()
         done = state.step >= config.steps
-        ranks = distributed.all_gather_object(distributed.memory_report(
-            d, *(obj for pair in state.trained().values() for obj in pair)))
+        if config.export_merged and done:
+            lora.export_merged(state.policy, pathlib.Path(config.export_merged), d, tokenizer)
+        ranks = distributed.all_gather_object(state.memory_report(d))
         if d.main:
             (out / "ranks.json").write_text(json.dumps(ranks, indent=2))
         if d.main and state.history:
@@ -479,4 +482,4 @@ def load_config(args) -> Config:
 # config key -> the attribute of the parsed CLI arguments that sets it
 FLAGS = {"policy_addresses": "policy_addresses", "reward_address": "reward_address", "sft_model": "sft_model",
          "reward_model": "reward_model", "prompts": "prompts", "out": "out", "steps": "steps", "device": "device",
-         "dtype": "dtype"}
+         "dtype": "dtype", "export_merged": "export_merged"}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InvalidArgument
 from services.ml import head as rm
-from services.trainer import distributed, formats
+from services.trainer import distributed, formats, lora
 from services.trainer.config import RMConfig
 from services.trainer.distributed import Dist
 from services.trainer import supervised
@@ -115,8 +115,9 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     old_train, old_eval, old_rows = replay_examples(cfg, tokenizer, new_pairs) if cfg.replay else ([], [], 0)
     train = train + old_train
 
-    model = distributed.load_model(AutoModelForSequenceClassification, cfg.model, d, num_labels=1,
-                                   pad_token_id=pad_id)
+    model = distributed.load_model(AutoModelForSequenceClassification, cfg.model, d, lora=cfg.lora, seed=cfg.seed,
+                                   num_labels=1, pad_token_id=pad_id)
+    net = lora.base_of(model)  # the score head on the hidden states; with LoRA, peft's layers inside
 
     def accuracy(examples: list) -> float | None:
         """Held-out pairwise accuracy (a tie counts half)."""
@@ -131,7 +132,7 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
         if cfg.init else {}
 
     def step(rows: list[int], batch_size: int) -> StepResult:
-        chosen, rejected = _pair_rewards(model, train, rows, pad_id, d.device)
+        chosen, rejected = _pair_rewards(net, train, rows, pad_id, d.device)
         loss = bradley_terry_loss(chosen, rejected, "sum")
         return StepResult(loss * d.world_size / batch_size, {"loss": loss.item(), "pairs": len(rows),
                                                              "correct": (chosen > rejected).sum().item()})
@@ -145,7 +146,7 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     known_flips = bool(evalset) and all(isinstance(f, bool) for f in flips)
 
     def eval_forward(rows: list[int]) -> dict[str, float]:
-        c, r = _pair_rewards(model, evalset, rows, pad_id, d.device)
+        c, r = _pair_rewards(net, evalset, rows, pad_id, d.device)
         margin = c - r
         out = {"loss": float(bradley_terry_loss(c, r, "sum")), "pairs": len(rows),
                "correct": float(((margin > 0).float() + 0.5 * (margin == 0).float()).sum())}
@@ -174,7 +175,7 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
 
     def score_forward(rows: list[int]) -> dict[str, float]:
         ids, mask = rm.pad_batch([responses[i] for i in rows], pad_id, d.device)
-        r = rm.rewards(model, ids, mask).double()
+        r = rm.rewards(net, ids, mask).double()
         return {"n": len(rows), "sum": r.sum().item(), "sumsq": (r * r).sum().item()}
 
     s = evaluate(model, sorted(range(len(responses)), key=lambda i: len(responses[i])), 2 * cfg.batch_size, d,
@@ -185,8 +186,7 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
     log.info("RM done: eval accuracy %s (noise ceiling %s), eval loss %s, score mean %.3f std %.3f (%.1f s)",
              metrics["eval_accuracy"], metrics["noise_ceiling"], metrics["eval_loss"], score_mean, score_std, seconds)
 
-    out = pathlib.Path(cfg.out)
-    distributed.export_hf(model, tokenizer, out, d)
+    written = supervised.write_model(model, tokenizer, cfg, d)
     meta = {
         "base_model": str(cfg.model), "init": cfg.init, "data": _safe(cfg.data),
         "replay": cfg.replay.model_dump() if cfg.replay else None, "train_pairs": len(train), "eval_pairs": len(evalset),
@@ -194,9 +194,11 @@ def train_reward_model(cfg: RMConfig, d: Dist | None = None) -> dict:
         "seed": cfg.seed, **metrics, "train_loss": trained.get("train_loss"), "score_mean": score_mean,
         "score_std": score_std, "max_length": cfg.max_length, "seconds": seconds, "device": str(d.device),
         "world_size": d.world_size,
+        **({"lora": cfg.lora.model_dump(), "export_merged": cfg.export_merged} if cfg.lora.enabled else {}),
     }
     if d.main:
-        (out / rm.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for out in written:  # the reward service reads the score statistics from here
+            (out / rm.META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

@@ -13,14 +13,13 @@ import argparse
 import json
 import logging
 import math
-import pathlib
 import time
 
 import torch
 
 from services.ml.head import pad_batch
 from services.trainer import data as D
-from services.trainer import distributed, formats
+from services.trainer import distributed, formats, lora
 from services.trainer.config import SFTConfig
 from services.trainer.distributed import Dist
 from services.trainer.logprobs import next_token_logprobs
@@ -61,7 +60,7 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
                     truncated, len(train), cfg.max_length)
     evalset = formats.sft_examples(tokenizer, eval_rows, cfg.max_length, cfg.data)[0] if eval_rows else []
 
-    model = distributed.load_model(AutoModelForCausalLM, cfg.model, d)
+    model = distributed.load_model(AutoModelForCausalLM, cfg.model, d, lora=cfg.lora, seed=cfg.seed)
     # Divide by a constant, not by a batch's token count: batches are grouped by length, and a
     # per-batch mean would weight the tokens of short answers far more than those of long ones
     # (the model would then over-produce short answers).
@@ -87,11 +86,11 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
     log.info("SFT done: train loss %.4f, eval loss %s (%.1f s)", trained.get("train_loss", float("nan")), eval_loss,
              time.monotonic() - t0)
 
-    out = pathlib.Path(cfg.out)
-    model.generation_config = GenerationConfig(
+    hf = lora.base_of(model)
+    hf.generation_config = GenerationConfig(
         eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-        bos_token_id=getattr(model.generation_config, "bos_token_id", None))
-    distributed.export_hf(model, tokenizer, out, d)
+        bos_token_id=getattr(hf.generation_config, "bos_token_id", None))
+    written = supervised.write_model(model, tokenizer, cfg, d)
     meta = {
         "base_model": str(cfg.model), "data": str(cfg.data), "train_examples": len(train),
         "eval_examples": len(evalset), "truncated_examples": truncated, "epochs": cfg.epochs,
@@ -100,9 +99,11 @@ def train_sft(cfg: SFTConfig, d: Dist | None = None) -> dict:
         "train_loss": trained.get("train_loss"), "eval_loss": eval_loss,
         "eval_perplexity": math.exp(eval_loss) if eval_loss is not None else None,
         "seconds": round(time.monotonic() - t0, 1), "device": str(d.device), "world_size": d.world_size,
+        **({"lora": cfg.lora.model_dump(), "export_merged": cfg.export_merged} if cfg.lora.enabled else {}),
     }
     if d.main:
-        (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for out in written:
+            (out / "training_meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import pathlib
 import random
 import sys
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from services.trainer import distributed
+from services.trainer import distributed, lora
 from services.common.errors import InvalidArgument
 from services.trainer.config import ConfigError, Supervised, dump, from_args
 from services.trainer.data import length_grouped_batches, lr_lambda
@@ -44,6 +45,7 @@ def prepare(cfg: Supervised, d: Dist | None) -> tuple[Dist, object, int, list[di
     from services.trainer.data import split_train_eval
     from services.trainer.formats import load_rows
 
+    lora.check_not_adapter(cfg.model, "model")
     d = d or distributed.init(cfg.device, cfg.dtype, cfg.collective_timeout_s)
     torch.manual_seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -64,13 +66,15 @@ def fit(model: torch.nn.Module, cfg: Supervised, d: Dist, *, lengths: list[int],
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(lora.trainable(model), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(max(1, round(cfg.warmup_ratio * total_steps)), total_steps, cfg.schedule))
     log.info("%s: %d examples, %d steps (%.2f epochs x %d), batch %d over %d rank(s), lr %g, rank %d on %s, "
-             "compute %s, %.1f MB of parameters here", desc, len(lengths), total_steps, cfg.epochs, steps_per_epoch,
+             "compute %s, %.1f MB of parameters here%s", desc, len(lengths), total_steps, cfg.epochs, steps_per_epoch,
              cfg.batch_size, d.world_size, cfg.lr, d.rank, d.device, str(d.dtype).removeprefix("torch."),
-             distributed.local_bytes(model) / 1e6)
+             distributed.local_bytes(model) / 1e6,
+             f", LoRA rank {cfg.lora.rank}: {distributed.local_bytes(*lora.trainable(model)) / 1e6:.2f} MB of them "
+             f"trained" if cfg.lora.enabled else "")
 
     rng = random.Random(cfg.seed)  # the same batches on every rank
     done, averages = 0, {}
@@ -120,9 +124,21 @@ def evaluate(model: torch.nn.Module, order: Iterable[int], batch_size: int, d: D
     return dict(zip(totals, distributed.all_sum(list(totals.values()), d)))
 
 
+def write_model(model: torch.nn.Module, tokenizer, cfg: Supervised, d: Dist) -> list[pathlib.Path]:
+    """The job's output: cfg.out holds the model (a Hugging Face directory), or with LoRA the
+    adapter in peft's format; cfg.export_merged, when set, base + adapter merged. Returns the
+    directories written (the job's meta file goes into each)."""
+    out = pathlib.Path(cfg.out)
+    distributed.export_hf(model, tokenizer, out, d)
+    if not cfg.export_merged:
+        return [out]
+    lora.export_merged(model, pathlib.Path(cfg.export_merged), d, tokenizer)
+    return [out, pathlib.Path(cfg.export_merged)]
+
+
 # config key -> the attribute of the parsed CLI arguments that sets it (`rlhf train sft|rm`)
 FLAGS = {key: key for key in ("model", "data", "out", "epochs", "lr", "batch_size", "max_length", "eval_fraction",
-                              "seed", "device", "dtype", "max_steps", "data_split", "init")}
+                              "seed", "device", "dtype", "max_steps", "data_split", "init", "export_merged")}
 
 
 def load_config(args: argparse.Namespace, cls: type[Supervised]) -> Supervised:
@@ -146,5 +162,5 @@ def run_job(args: argparse.Namespace, cls: type[Supervised], train: Callable[[Su
         distributed.close()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: meta.get(k) for k in keys}))
-        print(f"saved to {cfg.out}")
+        print(f"saved to {cfg.out}" + (f", merged to {cfg.export_merged}" if cfg.export_merged else ""))
     return 0

@@ -68,12 +68,18 @@ def test_two_ranks_train_and_push_exactly_what_they_export(tied_stack, tmp_path)
     trained, initial = load_file(exported / "model.safetensors"), load_file(tied_stack["policy_dir"] / "model.safetensors")
     assert "lm_head.weight" not in trained and trained.keys() == initial.keys()
     assert any(not torch.equal(trained[k], initial[k]) for k in trained), "training changed nothing"
-    fresh = policy_server(exported, tied_stack["logs"]).start().wait_ready()
+    assert_replicas_serve(exported, tied_stack, history[-1]["pushed_version"])
+
+
+def assert_replicas_serve(model_dir, stack: dict, version: int) -> None:
+    """Every replica serves `version`, and answers (greedy token ids and logprobs) as a fresh
+    server on `model_dir`."""
+    fresh = policy_server(model_dir, stack["logs"]).start().wait_ready()
     try:
         expected = greedy(fresh.address)
-        for replica in tied_stack["replicas"]:
+        for replica in stack["replicas"]:
             with PolicyClient(replica.address, AUTH) as client:
-                assert client.model_info().weight_version == history[-1]["pushed_version"]
+                assert client.model_info().weight_version == version
             for (ids, logprobs), (want_ids, want_logprobs) in zip(greedy(replica.address), expected):
                 assert ids == want_ids
                 assert logprobs == pytest.approx(want_logprobs, abs=1e-5)
@@ -132,3 +138,26 @@ def test_a_rank_killed_mid_run_ends_the_job_fast_and_resume_goes_on(tied_stack, 
     assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
     steps = [m["step"] for m in read_metrics(out)]
     assert steps[-2:] == [saved + 1, saved + 2] and len(before) == saved
+
+
+def test_lora_on_two_ranks_pushes_the_merged_model_it_exports(tied_stack, tmp_path):
+    """PPO with LoRA on two ranks (lora.push merged): every step pushes base + scaled B A under the
+    full model's names, gathered one weight at a time; --export-merged writes the same model. The
+    replicas then answer exactly as a fresh server on the export. The checkpoints hold the adapter
+    in peft's format, not the policy."""
+    out, merged, log = tmp_path / "run", tmp_path / "merged", tmp_path / "trainer.log"
+    config = write_config(tmp_path / "ppo.yaml", tied_stack, out, steps=2, checkpoint_every=0,
+                          lora=dict(rank=8, alpha=16), ppo=dict(lr=1e-3))
+    proc, _ = start_trainer(config, log, "--export-merged", str(merged), nproc=2)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-4000:]
+    assert "LoRA rank 8" in log.read_text()
+    history = read_metrics(out)
+    assert [m["step"] for m in history] == [1, 2]
+    final = out / "checkpoints" / "step-000002"
+    assert (final / "adapter" / "adapter_config.json").is_file() and not (final / "policy").exists()
+
+    trained, initial = load_file(merged / "model.safetensors"), load_file(tied_stack["policy_dir"] / "model.safetensors")
+    assert trained.keys() == initial.keys() and "lm_head.weight" not in trained
+    changed = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    assert changed and all(k.endswith("_proj.weight") for k in changed), changed  # only the adapted weights
+    assert_replicas_serve(merged, tied_stack, history[-1]["pushed_version"])

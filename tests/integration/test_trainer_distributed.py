@@ -55,6 +55,17 @@ def assert_same_update(one: dict, two: dict, start: dict, rtol: float) -> None:
         assert (one[name] - two[name]).norm() <= rtol * change, name
 
 
+def assert_same_state(saved: dict, loaded: dict) -> None:
+    """The worker's parameters and AdamW moments, bit for bit."""
+    for name in saved["params"]:
+        assert torch.equal(saved["params"][name], loaded["params"][name]), name
+    for model in ("policy", "value"):
+        assert saved["optimizer"][model].keys() == loaded["optimizer"][model].keys()
+        for param, moments in saved["optimizer"][model].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(moments[key], loaded["optimizer"][model][param][key]), (model, param, key)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_a_ppo_update_on_two_ranks_equals_one_rank(tmp_path, tied_policy_dir, tiny_reward_dir, optimizer):
     runs = {}
@@ -75,13 +86,7 @@ def test_a_checkpoint_saved_at_two_ranks_loads_at_one_and_back(tmp_path, tied_po
     torchrun(1, *args, "load")
     saved, loaded = torch.load(tmp_path / "params-save-2.pt"), torch.load(tmp_path / "params-load-1.pt")
     assert loaded["step"] == 1
-    for name in saved["params"]:
-        assert torch.equal(saved["params"][name], loaded["params"][name]), name
-    for model in ("policy", "value"):
-        assert saved["optimizer"][model].keys() == loaded["optimizer"][model].keys()
-        for param, moments in saved["optimizer"][model].items():
-            for key in ("exp_avg", "exp_avg_sq"):
-                assert torch.equal(moments[key], loaded["optimizer"][model][param][key]), (model, param, key)
+    assert_same_state(saved, loaded)
     # ... and a checkpoint of one rank loads on two.
     (tmp_path / "checkpoints").rename(tmp_path / "checkpoints-from-2")
     torchrun(1, *args, "save")
@@ -165,3 +170,44 @@ def test_a_supervised_step_on_two_ranks_equals_one_rank(tmp_path, small_data, ti
     assert (m1["world_size"], m2["world_size"]) == (1, 2)
     key = "eval_loss"
     assert m2[key] == pytest.approx(m1[key], rel=1e-5)
+
+
+def test_lora_on_two_ranks_equals_one_rank_its_reference_is_the_base_and_it_resumes_at_another_world_size(
+        tmp_path, tied_policy_dir, tiny_reward_dir):
+    """LoRA (rank 4 on every projection) on the policy and on the value model, whose score head is
+    trained in full. The update: the same tolerance argument as the whole model's (SGD, the
+    adapters' change is their gradient). The reference is the policy's base with the adapter
+    off, no second model: after the update its logprobs equal those of the SFT model loaded as a
+    plain Hugging Face model, on one rank and under FSDP on two, while the policy's moved. A
+    checkpoint of two ranks holds the adapters and their AdamW moments, not the base, and
+    resumes on one rank with the same parameters, moments, step and prompt position."""
+    args = [str(WORKER), str(tied_policy_dir), str(tiny_reward_dir)]
+    for n in (1, 2):
+        torchrun(n, *args, str(tmp_path / "sgd"), "sgd", "update", "gae", "float32", "4")
+    one, two = (torch.load(tmp_path / "sgd" / f"params-update-{n}.pt", weights_only=False) for n in (1, 2))
+    assert not one["reference"] and not two["reference"]
+    assert one["params"].keys() == one["initial"].keys()
+    assert all(".lora_" in k or k == "value.base_model.model.score.modules_to_save.default.weight"
+               for k in one["params"]), sorted(one["params"])
+    assert_same_update(one["params"], two["params"], one["initial"], 1e-3)
+    for key, value in one["stats"].items():
+        assert two["stats"][key] == pytest.approx(value, rel=1e-4, abs=1e-7), key
+    for run in (one, two):
+        mask = run["mask"].bool()
+        assert torch.equal(run["ref_logprobs"][mask], run["plain_logprobs"][mask])
+        assert (run["policy_logprobs"] - run["ref_logprobs"])[mask].abs().max() > 1e-4
+
+    out = tmp_path / "adamw"
+    torchrun(2, *args, str(out), "adamw", "save", "gae", "float32", "4")
+    torchrun(1, *args, str(out), "adamw", "load", "gae", "float32", "4")
+    saved, loaded = torch.load(out / "params-save-2.pt"), torch.load(out / "params-load-1.pt")
+    assert (loaded["step"], loaded["prompts"]) == (saved["step"], saved["prompts"]) == (1, {"epoch": 1, "index": 1})
+    assert_same_state(saved, loaded)
+    from torch.distributed.checkpoint import FileSystemReader
+    checkpoint_dir = out / "checkpoints" / "step-000001"
+    stored = [k for k in FileSystemReader(str(checkpoint_dir / "shards")).read_metadata().state_dict_metadata
+              if ".model." in k]
+    assert stored and all(".lora_" in k or "modules_to_save" in k for k in stored), stored
+    assert {p.name for p in (checkpoint_dir / "adapter").iterdir()} >= {"adapter_config.json",
+                                                                       "adapter_model.safetensors"}
+    assert not (checkpoint_dir / "policy").exists()

@@ -29,7 +29,7 @@ def trained(d, tiny_policy_dir):
 def save(out, step, d, trained, tokenizer, state=None):
     model, opt = trained
     return checkpoint.save(out, step, d, trained={"policy": (model, opt)}, state=state or {"marker": step},
-                           export=lambda path: distributed.export_hf(model, tokenizer, path, d))
+                           export=lambda path: distributed.export_hf(model, tokenizer, path / "policy", d))
 
 
 def test_roundtrip_restores_model_optimizer_and_state(tmp_path, d, trained, tiny_policy_dir):

@@ -36,7 +36,7 @@ CORES = ["services.policy.engine", "services.policy.worker", "services.policy.li
          "services.trainer.checkpoint",
          "services.trainer.formats", "services.trainer.data", "services.trainer.supervised", "services.trainer.sft",
          "services.trainer.rm", "services.trainer.config", "services.trainer.control", "services.trainer.metrics",
-         "services.trainer.state", "services.ml.head", "services.ml.delta", "services.trainer.image",
+         "services.trainer.state", "services.ml.head", "services.ml.delta", "services.trainer.image", "services.trainer.lora",
          "services.feedback.store", "services.feedback.rules", "services.feedback.sampler"]
 TRANSPORT = ("grpc", "google.protobuf", "rlhf.v1")
 CLIENTS = ["services.policy.client", "services.reward.client", "services.reward.admin", "services.feedback.client"]
