@@ -120,7 +120,9 @@ def run_stats(out: pathlib.Path, history, wall: float) -> dict:
 
     ranks = json.loads((out / "ranks.json").read_text())
     return dict(seconds=wall, seconds_per_step=wall / max(len(history), 1),
-                state_mb=sum(r["state_bytes"] for r in ranks) / 1e6,
+                # what training adds: the trained weights, their gradients and AdamW moments (the
+                # frozen reference, in state_bytes too, is the same for every algorithm)
+                state_mb=sum(r["trained_bytes"] for r in ranks) / 1e6,
                 staleness=float(np.mean([sum(int(k) * v for k, v in m.staleness.items()) / m.completions
                                          for m in history])),
                 is_weight=float(np.mean([m.is_weight_mean for m in history])),

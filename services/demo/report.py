@@ -35,7 +35,7 @@ def table(results: dict) -> str:
     lines.append("| answers judged | " + " | ".join(str(e["n"]) for _, e in cols) + " |")
     for key, label, fmt in (("seconds", "wall time of the run (s)", "{:.0f}"),
                             ("seconds_per_step", "seconds per step", "{:.2f}"),
-                            ("state_mb", "trainer state (MB: weights, gradients, AdamW)", "{:.1f}"),
+                            ("state_mb", "trained state (MB: trained weights, gradients, AdamW)", "{:.1f}"),
                             ("staleness", "mean staleness of trained completions (versions)", "{:.2f}"),
                             ("is_weight", "mean importance weight", "{:.3f}"),
                             ("hidden", "share of the rollout hidden behind training", "{:.2f}")):
