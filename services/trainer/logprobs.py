@@ -46,6 +46,10 @@ def next_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     labels is IGNORE_INDEX (and at t = 0, which nothing predicts); p is softmax(logits / temperature).
     labels are aligned with input_ids, as Hugging Face's are. The entropy is None unless asked
     for, and carries a gradient only with entropy_grad (an entropy bonus in the loss)."""
+    if hasattr(model, "get_base_model"):
+        # A peft wrapper (LoRA): FSDP2 shards the model inside it, whose root must run the
+        # method; its adapter layers still follow the wrapper's disable_adapter().
+        model = model.get_base_model()
     method = getattr(model, _METHOD, None)
     if method is None:
         method = _install(model)
