@@ -159,7 +159,11 @@ def test_thirty_delta_pushes_while_replicas_come_and_go(fleet, tmp_path, monkeyp
         if m["push"]["full_streams"] == 0:  # one stream, whatever the replica count
             assert m["push"]["wire_bytes"] <= 1.1 * m["push"]["payload_bytes"], m["push"]
         assert 0 < m["push"]["changed_share"] < 1
-        assert m["trained_versions"] == ([m["pushed_version"] - 1] if m["step"] == 1 else [m["pushed_version"] - 2])
+        # one_step_off trains on the version before the last push; a rollout redone after the replica
+        # set changed under it (the dns flips, the pause) samples the newest weights instead.
+        assert set(m["trained_versions"]) <= {m["pushed_version"] - 2, m["pushed_version"] - 1}, m
+    one_behind = [m["step"] for m in history[1:] if m["trained_versions"] == [m["pushed_version"] - 2]]
+    assert len(one_behind) >= 25, one_behind
     final = history[-1]["pushed_version"]
 
     fresh = policy_server(out / "checkpoints" / "step-000030" / "policy", fleet["logs"]).start().wait_ready()
